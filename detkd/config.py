@@ -1,0 +1,545 @@
+"""YAML recipes -> validated, frozen dataclasses.
+
+A recipe is a YAML file read with ``yaml.safe_load``. Its optional ``_base_`` key names one file or a list of
+files (paths relative to the recipe) that are merged in order before the recipe itself; the later file wins, and
+nested mappings merge key by key (lists and scalars are replaced whole). Command-line overrides
+(``--opts train.epochs=2 data.batch_size=4``) are applied last; each value is parsed as a YAML scalar or list.
+
+The merged mapping is converted into the dataclasses below. Every problem is reported as a single
+:class:`ConfigError` paragraph naming the file that set the key, the dotted key and the accepted keys or values:
+an unknown key, a wrong type, a missing required key, or a ``type:`` that names no registered transform or loss.
+Loss and transform parameters are validated against the keyword arguments of the registered constructor, so the
+constructor's signature is the only schema for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Optional, Union
+
+import yaml
+
+OPTS_SOURCE = "--opts"
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message names the file, the dotted key and what is accepted."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitCfg:
+    """One COCO-format split: the annotation json and the folder its ``file_name``s are relative to."""
+
+    ann_file: str
+    img_dir: str
+
+
+@dataclass(frozen=True)
+class UnlabeledCfg:
+    """Images without labels, used with pseudo-label distillation (a folder, or a COCO json without annotations)."""
+
+    img_dir: str
+    ann_file: Optional[str] = None
+    ratio: float = 0.5  # unlabelled batches per labelled batch
+
+
+@dataclass(frozen=True)
+class SyntheticCfg:
+    """Generate the synthetic COCO set (the embedded default) into ``out`` when it is absent."""
+
+    out: str = "data/synthetic"
+    num_train: int = 1000
+    num_val: int = 200
+    size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StepCfg:
+    """A registered step (transform or loss): its ``type`` and the keyword arguments of its constructor."""
+
+    type: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransformsCfg:
+    train: tuple[StepCfg, ...] = ()
+    val: tuple[StepCfg, ...] = ()
+    min_visibility: float = 0.3
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    train: SplitCfg
+    val: SplitCfg
+    batch_size: int = 8
+    num_workers: int = 2
+    keep_empty: bool = True
+    transforms: TransformsCfg = TransformsCfg()
+    synthetic: Optional[SyntheticCfg] = None
+    unlabeled: Optional[UnlabeledCfg] = None
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """A torchvision detector; the fields are the keyword arguments of ``detkd.models.build.build_detector``."""
+
+    arch: str
+    backbone: str
+    fpn_channels: int = 256
+    min_size: int = 128
+    max_size: int = 128
+    weights: Optional[str] = None
+    weights_backbone: Optional[str] = None
+    checkpoint: Optional[str] = None
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    anchor_sizes: Optional[tuple[int, ...]] = None
+    norm: Literal["bn", "frozen_bn"] = "bn"
+
+
+@dataclass(frozen=True)
+class TeacherCfg(ModelCfg):
+    """The frozen teacher. ``train_if_missing`` names a recipe that trains it when ``checkpoint`` does not exist."""
+
+    train_if_missing: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class StudentCfg(ModelCfg):
+    """The student. ``init``: from scratch, from ``checkpoint``, or inheriting the teacher's neck and head."""
+
+    init: Literal["scratch", "checkpoint", "inherit_teacher"] = "scratch"
+
+
+@dataclass(frozen=True)
+class LossCfg:
+    """One distillation loss: registered ``type``, its ``weight``, the FPN ``levels`` it applies to, its params."""
+
+    type: str
+    weight: float = 1.0
+    levels: Union[str, tuple[str, ...]] = "all"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeacherCheckCfg:
+    """Evaluate the teacher on ``num_images`` val images before distilling; stop if its AP is below ``min_ap``."""
+
+    enabled: bool = True
+    num_images: int = 64
+    min_ap: float = 0.01
+
+
+@dataclass(frozen=True)
+class DistillCfg:
+    features: tuple[LossCfg, ...] = ()
+    head: tuple[LossCfg, ...] = ()
+    teacher_check: TeacherCheckCfg = TeacherCheckCfg()
+
+
+@dataclass(frozen=True)
+class OptimizerCfg:
+    type: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class ScheduleCfg:
+    """Decay after warm-up. ``step``: multiply by ``gamma`` at each epoch in ``milestones``; ``cosine``: to
+    ``min_lr_ratio * lr`` at the last iteration."""
+
+    type: Literal["step", "cosine", "constant"] = "step"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = 12
+    optimizer: OptimizerCfg = OptimizerCfg()
+    schedule: ScheduleCfg = ScheduleCfg()
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    grad_clip: Optional[float] = None  # max global L2 norm of the gradients
+    amp: bool = False  # mixed precision; only on CUDA
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_iters: Optional[int] = None  # stop after this many iterations in total (smoke runs, benchmarks)
+    log_interval: int = 20
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    interval: int = 1  # epochs between evaluations; 0 = only at the end
+    max_images: Optional[int] = None
+    batch_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class CheckpointCfg:
+    interval: int = 1  # epochs between checkpoints (the last epoch is always saved)
+
+
+@dataclass(frozen=True)
+class LogCfg:
+    tensorboard: bool = True
+    mask_images_every: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataCfg
+    model: Optional[ModelCfg] = None
+    teacher: Optional[TeacherCfg] = None
+    student: Optional[StudentCfg] = None
+    distill: Optional[DistillCfg] = None
+    train: TrainCfg = TrainCfg()
+    eval: EvalCfg = EvalCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    log: LogCfg = LogCfg()
+    work_dir: Optional[str] = None
+    name: str = ""  # the recipe's file stem unless set
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: files, _base_ merging, --opts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, included_from: Optional[Path]) -> dict:
+    if not path.is_file():
+        where = f" (named in _base_ of {included_from})" if included_from else ""
+        raise ConfigError(f"config file {path} does not exist{where}.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
+    return data
+
+
+def _merge(dst: dict, src: dict, origins: dict[str, str], source: str, prefix: str = "") -> None:
+    """Merge ``src`` into ``dst`` in place (mappings key by key, everything else replaced); record origins."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            origins.setdefault(dotted, source)
+            _merge(dst[key], value, origins, source, dotted + ".")
+        else:
+            dst[key] = value
+            for k in [k for k in origins if k.startswith(dotted + ".")]:
+                del origins[k]
+            origins[dotted] = source
+
+
+def _load_merged(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"{path}: _base_ inheritance forms a cycle: {chain}.")
+    data = _read_yaml(path, stack[-1] if stack else None)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: key '_base_' must be a file path or a list of file paths, got {bases!r}.")
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        base_origins: dict[str, str] = {}
+        base_data = _load_merged(base_path, base_origins, (*stack, path))
+        _merge(merged, base_data, origins, str(base_path))
+        origins.update(base_origins)  # the finer origins inside the base (its own _base_ files)
+    _merge(merged, data, origins, str(path))
+    return merged
+
+
+def parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``["a.b=1", "c=[1, 2]"]`` into ``[("a.b", 1), ("c", [1, 2])]`` (values as YAML)."""
+    parsed = []
+    for item in opts:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{OPTS_SOURCE}: '{item}' is not of the form dotted.key=value.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{OPTS_SOURCE}: the value of '{key}' is not valid YAML: {err}") from err
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _apply_opt(data: dict, dotted: str, value: Any, origins: dict[str, str]) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(part, node, here)]
+        else:
+            if not isinstance(node.get(part, {}), (dict, list)):
+                raise ConfigError(f"{OPTS_SOURCE}: cannot set '{dotted}': '{here}' is a value, not a mapping.")
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, dotted)] = value
+    else:
+        node[last] = value
+    for k in [k for k in origins if k.startswith(dotted + ".")]:
+        del origins[k]
+    origins[dotted] = OPTS_SOURCE
+
+
+def _list_index(part: str, node: list, dotted: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{OPTS_SOURCE}: '{dotted}' indexes a list of {len(node)} items; use 0..{len(node) - 1}.")
+    return int(part)
+
+
+def load_config(path: Union[str, os.PathLike], opts: Optional[list[str]] = None) -> Config:
+    """Read a recipe with its ``_base_`` files and ``--opts`` overrides into a validated :class:`Config`."""
+    path = Path(path)
+    origins: dict[str, str] = {}
+    data = _load_merged(path, origins)
+    for key, value in parse_opts(opts or []):
+        _apply_opt(data, key, value, origins)
+    data.setdefault("name", path.stem)
+    cfg = _convert(Config, data, "", _Context(origins, str(path.resolve())))
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validate an already-resolved mapping (e.g. the one stored in a checkpoint)."""
+    return _convert(Config, dict(data), "", _Context({}, source))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The resolved config as plain YAML-able data (tuples become lists; step params are flattened back)."""
+    if isinstance(cfg, (StepCfg, LossCfg)):
+        out = {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "params"}
+        out.update({k: config_to_dict(v) for k, v in cfg.params.items()})
+        return out
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
+    """Write the fully resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported for frozen configs."""
+    return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: mapping -> dataclasses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    origins: dict[str, str]
+    root_file: str
+
+    def file_of(self, dotted: str) -> str:
+        """The file that set ``dotted`` (or its nearest parent); the recipe itself when unknown."""
+        key = dotted
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key.rpartition(".")[0]
+        return self.root_file
+
+    def error(self, dotted: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.file_of(dotted)}: key '{dotted}': {message}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin in (dict, Mapping) or tp is Mapping:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, dotted: str, ctx: _Context) -> Any:
+    """Convert ``value`` to type ``tp`` or raise a ConfigError naming ``dotted``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, dotted, ctx)
+            except ConfigError as err:
+                errors.append(err)
+        raise ctx.error(dotted, f"must be {_type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ctx.error(dotted, f"must be {_type_name(tp)}, got {value!r}.")
+        return value
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ctx.error(dotted, f"must be {_type_name(tp)}, got {value!r}.")
+        if args and args[-1] is not Ellipsis and len(args) > 1:  # fixed-length tuple
+            if len(value) != len(args):
+                raise ctx.error(dotted, f"must be a list of {len(args)} values, got {value!r}.")
+            return tuple(_convert(a, v, f"{dotted}.{i}", ctx) for i, (a, v) in enumerate(zip(args, value)))
+        item_tp = args[0] if args else Any
+        return tuple(_convert(item_tp, v, f"{dotted}.{i}", ctx) for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is Mapping:
+        if not isinstance(value, dict):
+            raise ctx.error(dotted, f"must be a mapping, got {value!r}.")
+        return dict(value)
+    if tp in (StepCfg, LossCfg):
+        return _convert_step(tp, value, dotted, ctx)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, dotted, ctx)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ctx.error(dotted, f"must be a number, got {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ctx.error(dotted, f"must be an integer, got {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ctx.error(dotted, f"must be true or false, got {value!r}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ctx.error(dotted, f"must be a string, got {value!r}.")
+        return value
+    raise TypeError(f"config schema has an unsupported type {tp!r} at {dotted}")  # a bug in detkd, not the recipe
+
+
+def _convert_dataclass(cls: type, value: Any, dotted: str, ctx: _Context) -> Any:
+    if not isinstance(value, dict):
+        raise ctx.error(dotted or "<top level>", f"must be a mapping with keys {_field_names(cls)}, got {value!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields:
+            where = f"under '{dotted}'" if dotted else "at the top level"
+            raise ctx.error(_join(dotted, key), f"unknown key; accepted keys {where}: {_field_names(cls)}.")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], _join(dotted, name), ctx)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(
+                f"{ctx.file_of(dotted)}: missing required key '{_join(dotted, name)}' "
+                f"(keys under '{dotted or '<top level>'}': {_field_names(cls)})."
+            )
+    return cls(**kwargs)
+
+
+def _convert_step(cls: type, value: Any, dotted: str, ctx: _Context) -> Any:
+    """A step mapping ``{type: name, **params}``; params are checked against the registered constructor."""
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict) or "type" not in value:
+        raise ctx.error(dotted, f"must be a mapping with a 'type' key, got {value!r}.")
+    own = {f.name for f in dataclasses.fields(cls)} - {"params"}
+    fixed = {k: v for k, v in value.items() if k in own}
+    params = {k: v for k, v in value.items() if k not in own}
+    step = _convert_dataclass(cls, fixed, dotted, ctx)
+    registry, kind = _registry_for(dotted)
+    if registry is None:
+        return dataclasses.replace(step, params=params)
+    if step.type not in registry:
+        raise ctx.error(f"{dotted}.type", f"unknown {kind} '{step.type}'; valid: {', '.join(sorted(registry))}.")
+    checked = validate_params(registry[step.type], params, f"{dotted}", ctx, own)
+    return dataclasses.replace(step, params=checked)
+
+
+def validate_params(fn: Callable, params: Mapping[str, Any], dotted: str, ctx: _Context, reserved=()) -> dict:
+    """Check ``params`` against the annotated keyword arguments of ``fn`` (a class or a function)."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    sig = inspect.signature(target)
+    hints = typing.get_type_hints(target)
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    accepted = [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
+    out = {}
+    for key, val in params.items():
+        if key not in accepted:
+            names = ", ".join(sorted(set(accepted) | set(reserved)))
+            raise ctx.error(_join(dotted, key), f"unknown key; accepted keys: {names}.")
+        out[key] = _convert(hints.get(key, Any), val, _join(dotted, key), ctx)
+    for name in accepted:
+        if sig.parameters[name].default is inspect.Parameter.empty and name not in out:
+            raise ConfigError(f"{ctx.file_of(dotted)}: missing required key '{_join(dotted, name)}'.")
+    return out
+
+
+def _registry_for(dotted: str) -> tuple[Optional[Mapping[str, Callable]], str]:
+    """Which registry validates the step at ``dotted`` (imported lazily: config stays importable on its own)."""
+    if dotted.startswith("data.transforms."):
+        from detkd.data.transforms import TRANSFORMS
+
+        return TRANSFORMS, "transform"
+    if dotted.startswith("distill.features."):
+        from detkd.losses import FEATURE_LOSSES
+
+        return FEATURE_LOSSES, "feature loss"
+    if dotted.startswith("distill.head."):
+        from detkd.losses import HEAD_LOSSES
+
+        return HEAD_LOSSES, "head loss"
+    return None, ""
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _field_names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))

@@ -1,0 +1,133 @@
+"""The runs behind ``tools/train.py`` and ``tools/eval.py``: config in, trained/evaluated detector out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from detkd.config import Config
+from detkd.data.build import build_dataset, build_eval_loader, ensure_data
+from detkd.data.coco import CocoDetection, collate_detection
+from detkd.engine.checkpoint import load_checkpoint, unwrap
+from detkd.engine.evaluator import evaluate, format_metrics_table, save_metrics
+from detkd.engine.trainer import (
+    Trainer,
+    barrier,
+    init_distributed,
+    is_main_process,
+    make_train_loader,
+    resolve_device,
+    seed_everything,
+)
+from detkd.models.build import build_detector_from_cfg
+
+LOGGER = logging.getLogger("detkd")
+
+
+def resolve_work_dir(cfg: Config, override: Optional[str] = None) -> Path:
+    """``--work-dir`` wins, then ``work_dir`` in the recipe, then ``work_dirs/<recipe name>``."""
+    return Path(override or cfg.work_dir or f"work_dirs/{cfg.name}")
+
+
+def setup_process(cfg: Config) -> torch.device:
+    """Device, process group (under torchrun) and seeds for this process."""
+    device = resolve_device(cfg.train.device)
+    rank, _ = init_distributed(device)
+    seed_everything(cfg.train.seed + rank)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    return device
+
+
+def make_evaluate_fn(
+    cfg: Config, model: torch.nn.Module, val_set: CocoDetection, device: torch.device, work_dir: Path, show: bool
+):
+    """``evaluate_fn(epoch)`` for the trainer: COCO metrics of ``model`` on the val split, written to work_dir."""
+    loader = build_eval_loader(
+        val_set, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.num_workers, cfg.eval.max_images
+    )
+
+    def evaluate_fn(epoch: int) -> dict[str, Any]:
+        metrics = evaluate(unwrap(model), loader, val_set, device, progress=show)
+        save_metrics(metrics, work_dir / f"val_epoch{epoch + 1}.json")
+        if show:
+            print(format_metrics_table(metrics, title=f"val after epoch {epoch + 1}"))
+        return metrics
+
+    return evaluate_fn
+
+
+def train_detector(
+    cfg: Config,
+    work_dir: Optional[str] = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    stop_after_epochs: Optional[int] = None,
+) -> dict[str, Any]:
+    """Train the single detector of ``cfg.model`` (a teacher or a baseline student). Returns a summary dict with
+    ``best_ap``, ``best_checkpoint``, ``wall_time_s`` and the run ``history``."""
+    if cfg.model is None:
+        raise ValueError(
+            f"recipe '{cfg.name}' has no 'model' section; tools/train.py trains one detector described under "
+            f"'model:' (distillation recipes with teacher/student go to tools/train_distill.py)."
+        )
+    out = resolve_work_dir(cfg, work_dir)
+    device = setup_process(cfg)
+    if is_main_process():
+        ensure_data(cfg.data, show_progress)
+    barrier()
+    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
+    val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
+    model = build_detector_from_cfg(cfg.model, train_set.num_classes)
+    loader = make_train_loader(train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection)
+    show = show_progress and is_main_process()
+    trainer = Trainer(
+        cfg,
+        model,
+        loader,
+        device,
+        out,
+        evaluate_fn=make_evaluate_fn(cfg, model, val_set, device, out, show),
+        export_fn=lambda: {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        best_name="best.pth",
+        show_progress=show_progress,
+    )
+    if resume:
+        trainer.resume()
+    start = time.time()
+    state = trainer.fit(stop_after_epochs=stop_after_epochs)
+    return {
+        "best_ap": state.best_ap,
+        "best_epoch": state.best_epoch,
+        "best_checkpoint": str(out / "best.pth"),
+        "last_checkpoint": str(out / "last.pth"),
+        "wall_time_s": time.time() - start,
+        "iterations": state.iteration,
+        "history": state.history,
+        "model": unwrap(trainer.model),
+    }
+
+
+def evaluate_detector_checkpoint(
+    cfg: Config, ckpt: str, out_dir: Optional[str] = None, model_key: str = "model", show_progress: bool = True
+) -> dict[str, Any]:
+    """COCO-evaluate a saved detector on the val split; writes ``results.json`` and ``metrics.json``."""
+    model_cfg = cfg.model if model_key == "model" else getattr(cfg, model_key)
+    if model_cfg is None:
+        raise ValueError(f"recipe '{cfg.name}' has no '{model_key}' section to evaluate.")
+    device = resolve_device(cfg.train.device)
+    ensure_data(cfg.data, show_progress)
+    val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
+    model = build_detector_from_cfg(model_cfg, val_set.num_classes)
+    state = load_checkpoint(ckpt)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    model.to(device)
+    out = Path(out_dir) if out_dir else Path(ckpt).parent / f"eval_{Path(ckpt).stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    loader = build_eval_loader(val_set, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.num_workers)
+    metrics = evaluate(model, loader, val_set, device, results_file=str(out / "results.json"), progress=show_progress)
+    save_metrics(metrics, out / "metrics.json")
+    return metrics

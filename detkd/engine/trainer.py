@@ -1,0 +1,444 @@
+"""One training loop for ``train.py`` (a detector) and ``train_distill.py`` (the Distiller).
+
+The trainer trains any module whose ``forward(images, targets)`` returns a dict of named scalar losses; it sums
+them in exactly one place (:func:`sum_losses`) and logs each. The module may define ``trainable_state_dict()`` /
+``load_trainable_state_dict()`` to control what a checkpoint holds (the Distiller keeps the teacher out).
+
+Shape of a run (read top to bottom, like torchvision's ``references/detection``):
+``fit`` -> for each epoch: ``train_one_epoch`` -> evaluate every ``eval.interval`` epochs -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from detkd.config import Config, config_to_dict, dump_config
+from detkd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+
+LOGGER = logging.getLogger("detkd")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment: device, seeds, processes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available (the local rank's GPU under torchrun), else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; returns ``(rank, world_size)``."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of the step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The one place where named losses become the scalar that is back-propagated."""
+    return sum(losses.values())
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Stop the run on a NaN/inf loss, printing every term so the culprit is visible."""
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+    raise FloatingPointError(
+        f"non-finite loss at iteration {step}: {terms}. Lower train.optimizer.lr, set train.grad_clip, or lower "
+        f"the weight of the term that diverged."
+    )
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW over the parameters that require grad (never the frozen teacher); no weight decay on norms
+    and biases, as in torchvision's detection references."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    opt = cfg.train.optimizer
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if opt.type == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas)
+
+
+def lr_factor(cfg: Config, iteration: int, iters_per_epoch: int, total_iters: int) -> float:
+    """The multiplier of the base LR at ``iteration``: linear warm-up, then step or cosine decay."""
+    train = cfg.train
+    schedule = train.schedule
+    if schedule.type == "step":
+        passed = sum(iteration >= m * iters_per_epoch for m in schedule.milestones)
+        factor = schedule.gamma**passed
+    elif schedule.type == "cosine":
+        progress = min(iteration / max(total_iters, 1), 1.0)
+        factor = schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0
+    if iteration < train.warmup_iters:
+        alpha = iteration / train.warmup_iters
+        factor *= train.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must restore for a resumed run to continue exactly where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    iteration: int = 0  # iterations completed
+    best_ap: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class MetricsLogger:
+    """Text log, JSONL metrics and TensorBoard scalars, written on rank 0 only."""
+
+    def __init__(self, work_dir: Path, tensorboard: bool, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(work_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        handler = logging.FileHandler(work_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._handler = handler
+        LOGGER.addHandler(handler)
+        LOGGER.setLevel(logging.INFO)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(work_dir / "tensorboard"))
+
+    def log(self, kind: str, step: int, epoch: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"type": kind, "iter": step, "epoch": epoch, "time": round(time.time(), 3), **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def image(self, tag: str, image_chw: torch.Tensor, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, image_chw, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        LOGGER.removeHandler(self._handler)
+        self._handler.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+IterCallback = Callable[["Trainer", int, dict[str, float]], None]
+
+
+def train_one_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
+    """One pass over the training loader: forward -> named losses -> one backward -> step. Returns mean losses."""
+    model, optimizer, device = trainer.model, trainer.optimizer, trainer.device
+    model.train()
+    use_amp = trainer.scaler is not None
+    sums: dict[str, float] = {}
+    count = 0
+    bar = tqdm(
+        trainer.train_loader,
+        desc=f"epoch {epoch + 1}/{trainer.cfg.train.epochs}",
+        disable=not trainer.show_progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    for images, targets in bar:
+        if trainer.state.iteration >= trainer.total_iters:
+            break
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            losses = model(images, targets)
+        check_finite(losses, trainer.state.iteration)
+        loss = sum_losses(losses)
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if trainer.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainer.params, trainer.cfg.train.grad_clip)
+        if use_amp:
+            trainer.scaler.step(optimizer)
+            trainer.scaler.update()
+        else:
+            optimizer.step()
+        trainer.scheduler.step()
+        trainer.state.iteration += 1
+
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["loss"] = float(loss.detach())
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
+        if trainer.state.iteration % trainer.cfg.train.log_interval == 0 or trainer.state.iteration == 1:
+            trainer.logger.log("train", trainer.state.iteration, epoch, {**values, "lr": lr})
+            LOGGER.info(
+                "epoch %d iter %d lr %.3e %s",
+                epoch + 1,
+                trainer.state.iteration,
+                lr,
+                " ".join(f"{k}={v:.4f}" for k, v in values.items()),
+            )
+        for callback in trainer.iter_callbacks:
+            callback(trainer, trainer.state.iteration, values)
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+class Trainer:
+    """Owns the model being trained, its optimizer/schedule, the loaders, logging and checkpoints.
+
+    Args:
+        cfg: the resolved config (stored in every checkpoint and written to ``work_dir/config.yaml``).
+        model: any module whose ``forward(images, targets)`` returns a dict of named scalar losses in train mode.
+        train_loader: yields ``(list[Tensor(3,H,W)], list[dict])``; its sampler must have ``set_epoch``.
+        evaluate_fn: ``evaluate_fn(epoch) -> metrics dict with "AP"`` run on rank 0, or None for no evaluation.
+        export_fn: ``export_fn() -> state_dict`` of the deployable detector, saved as ``best_name`` on a new best AP.
+        work_dir: where checkpoints, logs and TensorBoard files go.
+        best_name: file name of the best checkpoint (``best.pth``, or ``student_best.pth`` for distillation).
+        iter_callbacks: called after every iteration as ``callback(trainer, iteration, loss_values)``.
+        show_progress: tqdm bars (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        train_loader: DataLoader,
+        device: torch.device,
+        work_dir: Path,
+        evaluate_fn: Optional[Callable[[int], dict[str, Any]]] = None,
+        export_fn: Optional[Callable[[], dict[str, torch.Tensor]]] = None,
+        best_name: str = "best.pth",
+        iter_callbacks: Iterable[IterCallback] = (),
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.work_dir = Path(work_dir)
+        self.train_loader = train_loader
+        self.evaluate_fn = evaluate_fn
+        self.export_fn = export_fn
+        self.best_name = best_name
+        self.iter_callbacks = list(iter_callbacks)
+        self.is_main = is_main_process()
+        self.show_progress = show_progress and self.is_main and sys.stderr is not None
+
+        model.to(device)
+        if dist.is_initialized():
+            ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **ddp_kwargs)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, model)
+        self.iters_per_epoch = len(train_loader)
+        if self.iters_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(train_loader.dataset)} images, fewer than one batch of "
+                f"data.batch_size={cfg.data.batch_size} per process; lower data.batch_size."
+            )
+        self.total_iters = cfg.train.epochs * self.iters_per_epoch
+        if cfg.train.max_iters is not None:
+            self.total_iters = min(self.total_iters, cfg.train.max_iters)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(cfg, it, self.iters_per_epoch, self.total_iters)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
+        self.state = RunState()
+        self.logger = MetricsLogger(self.work_dir, cfg.log.tensorboard, enabled=self.is_main)
+        if self.is_main:
+            dump_config(cfg, self.work_dir / "config.yaml")
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.work_dir / "last.pth"
+
+    def _module_state(self) -> dict[str, torch.Tensor]:
+        module = unwrap(self.model)
+        return module.trainable_state_dict() if hasattr(module, "trainable_state_dict") else module.state_dict()
+
+    def save(self) -> None:
+        if not self.is_main:
+            return
+        state = {
+            "model": self._module_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "run": {
+                "epoch": self.state.epoch,
+                "iteration": self.state.iteration,
+                "best_ap": self.state.best_ap,
+                "best_epoch": self.state.best_epoch,
+                "history": self.state.history,
+            },
+            "rng": rng_state(),
+            "config": config_to_dict(self.cfg),
+        }
+        save_checkpoint(state, self.last_checkpoint)
+
+    def resume(self, path: Optional[Path] = None) -> bool:
+        """Restore model, optimizer, schedule, scaler, counters and RNG from ``path`` (default: ``last.pth``)."""
+        path = Path(path) if path else self.last_checkpoint
+        if not path.is_file():
+            LOGGER.warning("--resume: no checkpoint at %s; starting from scratch.", path)
+            return False
+        ckpt = load_checkpoint(path, map_location=self.device)
+        module = unwrap(self.model)
+        if hasattr(module, "load_trainable_state_dict"):
+            module.load_trainable_state_dict(ckpt["model"])
+        else:
+            module.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        run = ckpt["run"]
+        self.state = RunState(run["epoch"], run["iteration"], run["best_ap"], run["best_epoch"], list(run["history"]))
+        set_rng_state(ckpt["rng"])
+        if self.is_main:
+            print(f"resumed from {path}: epoch {self.state.epoch}, iteration {self.state.iteration}")
+        return True
+
+    # -- the run ------------------------------------------------------------------------------------------------
+
+    def fit(self, stop_after_epochs: Optional[int] = None) -> RunState:
+        """Train to ``cfg.train.epochs`` (or ``max_iters``). ``stop_after_epochs`` ends early, as an interruption
+        would (used to test that resuming reproduces an uninterrupted run)."""
+        cfg = self.cfg
+        start = time.time()
+        while self.state.epoch < cfg.train.epochs and self.state.iteration < self.total_iters:
+            epoch = self.state.epoch
+            sampler = self.train_loader.sampler
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            if hasattr(self.train_loader.dataset, "set_epoch"):
+                self.train_loader.dataset.set_epoch(epoch)
+            means = train_one_epoch(self, epoch)
+            self.state.epoch += 1
+            record = {"epoch": self.state.epoch, "iteration": self.state.iteration, **means}
+            last = self.state.epoch >= cfg.train.epochs or self.state.iteration >= self.total_iters
+            due = bool(cfg.eval.interval) and self.state.epoch % cfg.eval.interval == 0
+            if self.evaluate_fn is not None and (last or due):
+                record.update(self._evaluate(epoch))
+            self.state.history.append(record)
+            if last or self.state.epoch % max(cfg.checkpoint.interval, 1) == 0:
+                self.save()
+            barrier()
+            if stop_after_epochs is not None and self.state.epoch >= stop_after_epochs:
+                break
+        if self.is_main:
+            LOGGER.info("training finished in %.1f s", time.time() - start)
+        self.logger.close()
+        return self.state
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        if not self.is_main:
+            return {}
+        metrics = self.evaluate_fn(epoch)
+        summary = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.logger.log("val", self.state.iteration, epoch, {k.split("/", 1)[1]: v for k, v in summary.items()})
+        ap = float(metrics.get("AP", -1.0))
+        LOGGER.info("epoch %d val AP %.4f", epoch + 1, ap)
+        if ap > self.state.best_ap:
+            self.state.best_ap, self.state.best_epoch = ap, epoch + 1
+            if self.export_fn is not None:
+                best = {
+                    "model": self.export_fn(),
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    "epoch": epoch + 1,
+                    "config": config_to_dict(self.cfg),
+                }
+                save_checkpoint(best, self.work_dir / self.best_name)
+        return summary
+
+
+def make_train_loader(
+    dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, seed: int, collate_fn: Callable
+) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch): a DistributedSampler (one replica when not under
+    torchrun), so an interrupted and resumed run sees the same batches as an uninterrupted one."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        drop_last=True,
+        persistent_workers=False,
+    )
