@@ -326,7 +326,9 @@ def load_config(path: Union[str, os.PathLike], opts: Optional[list[str]] = None)
     for key, value in parse_opts(opts or []):
         _apply_opt(data, key, value, origins)
     data.setdefault("name", path.stem)
-    cfg = _convert(Config, data, "", _Context(origins, str(path.resolve())))
+    ctx = _Context(origins, str(path.resolve()))
+    cfg = _convert(Config, data, "", ctx)
+    _check_detectors(cfg, ctx)
     return cfg
 
 
@@ -535,6 +537,21 @@ def _registry_for(dotted: str) -> tuple[Optional[Mapping[str, Callable]], str]:
 
         return HEAD_LOSSES, "head loss"
     return None, ""
+
+
+def _check_detectors(cfg: Config, ctx: _Context) -> None:
+    """Arch and backbone names must be registered (the registry lives with the builders)."""
+    from detkd.models.build import BACKBONES, DETECTORS
+
+    for key in ("model", "teacher", "student"):
+        model = getattr(cfg, key)
+        if model is None:
+            continue
+        if model.arch not in DETECTORS:
+            raise ctx.error(f"{key}.arch", f"unknown detector '{model.arch}'; valid: {', '.join(sorted(DETECTORS))}.")
+        if model.backbone not in BACKBONES:
+            valid = ", ".join(sorted(BACKBONES))
+            raise ctx.error(f"{key}.backbone", f"unknown backbone '{model.backbone}'; valid: {valid}.")
 
 
 def _join(prefix: str, key: str) -> str:
