@@ -137,10 +137,11 @@ class LossCfg:
 
 @dataclass(frozen=True)
 class TeacherCheckCfg:
-    """Evaluate the teacher on ``num_images`` val images before distilling; stop if its AP is below ``min_ap``."""
+    """Evaluate the teacher on the val split (its first ``num_images`` images; default: as many as ``eval``
+    uses) before distilling; stop if its AP is below ``min_ap`` (a teacher that failed to load scores ~0)."""
 
     enabled: bool = True
-    num_images: int = 64
+    num_images: Optional[int] = None
     min_ap: float = 0.01
 
 

@@ -131,3 +131,78 @@ def evaluate_detector_checkpoint(
     metrics = evaluate(model, loader, val_set, device, results_file=str(out / "results.json"), progress=show_progress)
     save_metrics(metrics, out / "metrics.json")
     return metrics
+
+
+def check_teacher(
+    cfg: Config, teacher: torch.nn.Module, val_set: CocoDetection, device: torch.device, show: bool
+) -> dict[str, Any]:
+    """Evaluate the teacher before distilling; stop when its AP is near zero (a teacher that failed to load)."""
+    check = cfg.distill.teacher_check if cfg.distill is not None else None
+    num = (check.num_images if check is not None else None) or cfg.eval.max_images
+    loader = build_eval_loader(val_set, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.num_workers, num)
+    teacher.to(device)
+    metrics = evaluate(teacher, loader, val_set, device, progress=show)
+    if show:
+        print(format_metrics_table(metrics, title=f"teacher ({cfg.teacher.arch}-{cfg.teacher.backbone}) on val"))
+    if check is not None and check.enabled and metrics["AP"] < check.min_ap:
+        raise RuntimeError(
+            f"the teacher scores AP {metrics['AP']:.4f} on {len(loader.dataset)} val images, below "
+            f"distill.teacher_check.min_ap={check.min_ap}: it probably did not load (teacher.checkpoint="
+            f"{cfg.teacher.checkpoint}) or was trained on other classes. Fix the teacher, or set "
+            f"distill.teacher_check.enabled=false to distil anyway."
+        )
+    return metrics
+
+
+def train_distill(
+    cfg: Config,
+    work_dir: Optional[str] = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    stop_after_epochs: Optional[int] = None,
+) -> dict[str, Any]:
+    """Distil ``cfg.teacher`` into ``cfg.student`` with the configured losses. Returns a summary with the
+    teacher's and the student's AP, the wall time and the paths of ``student_best.pth`` / ``last.pth``."""
+    from detkd.distiller import build_distiller_from_cfg
+
+    out = resolve_work_dir(cfg, work_dir)
+    device = setup_process(cfg)
+    if is_main_process():
+        ensure_data(cfg.data, show_progress)
+    barrier()
+    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
+    val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
+    distiller = build_distiller_from_cfg(cfg, train_set.num_classes)
+    show = show_progress and is_main_process()
+    teacher_metrics = {}
+    if is_main_process():
+        teacher_metrics = check_teacher(cfg, distiller.teacher, val_set, device, show)
+    barrier()
+    loader = make_train_loader(train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection)
+    trainer = Trainer(
+        cfg,
+        distiller,
+        loader,
+        device,
+        out,
+        evaluate_fn=make_evaluate_fn(cfg, distiller.student, val_set, device, out, show),
+        export_fn=distiller.export_student,
+        best_name="student_best.pth",
+        show_progress=show_progress,
+    )
+    if resume:
+        trainer.resume()
+    start = time.time()
+    state = trainer.fit(stop_after_epochs=stop_after_epochs)
+    return {
+        "teacher_ap": teacher_metrics.get("AP", float("nan")),
+        "teacher_metrics": teacher_metrics,
+        "best_ap": state.best_ap,
+        "best_epoch": state.best_epoch,
+        "best_checkpoint": str(out / "student_best.pth"),
+        "last_checkpoint": str(out / "last.pth"),
+        "wall_time_s": time.time() - start,
+        "iterations": state.iteration,
+        "history": state.history,
+        "distiller": distiller,
+    }
