@@ -115,8 +115,7 @@ def test_small_shift_lowers_ap_but_not_ap50(coco_gt):
     assert m["AP"] < 1.0 - 1e-3
     assert m["AP50"] == pytest.approx(1.0)
     assert m["APs"] < m["APl"]  # the same shift hurts small boxes most
-    assert m["APl"] < 1.0  # large box: IoU = 118/122 = 0.967 -> still above every threshold but... 0.95 < 0.967
-    assert m["APl"] == pytest.approx(1.0)
+    assert m["APl"] == pytest.approx(1.0)  # 120x120 box: IoU = 118/122 = 0.967, above every threshold
 
 
 def test_large_shift_lowers_ap50(coco_gt):
@@ -138,12 +137,13 @@ def test_wrong_category_lowers_ap(coco_gt):
 
 
 def test_per_class_ap_is_mean_over_iou_thresholds(coco_gt):
-    # only the square of image 2 shifted by 10 px: IoU = 40*40 / (4000 - 1600) = 2/3 -> a hit at IoU .50..65
+    # only the square of image 2 shifted by 10 px (and scored 0.5): IoU = 40*40 / (4000 - 1600) = 2/3 -> a hit at
+    # IoU .50, .55, .60, .65
     results = perfect_results()
-    results[2]["bbox"] = [30.0, 30.0, 50.0, 40.0]
+    results[2].update(bbox=[30.0, 30.0, 50.0, 40.0], score=0.5)
     m = coco_evaluate(coco_gt, results, class_names=CLASS_NAMES, cat_ids=[3, 7, 12])
-    # square: at 4 of 10 IoU thresholds both squares found (AP 1); at the other 6 one of two found, at top score:
-    # precision 1 up to recall 0.5 -> 51 of 101 recall points -> AP 51/101
+    # square: at 4 of 10 IoU thresholds both squares found (AP 1); at the other 6 the score-1 square is found and
+    # the 0.5 one is a false positive: precision 1 up to recall 0.5 -> 51 of 101 recall points -> AP 51/101
     expected = (4 * 1.0 + 6 * 51 / 101) / 10
     assert m["per_class_AP"]["square"] == pytest.approx(expected)
     assert m["per_class_AP"]["circle"] == pytest.approx(1.0)

@@ -299,10 +299,11 @@ def format_metrics_table(metrics: Mapping[str, Any], title: str = "") -> str:
     Example::
 
         val after epoch 3
-          AP   AP50  AP75   APs   APm   APl   AR1  AR10 AR100
-        63.8   90.1  70.2  40.3  66.0  80.5  50.1  70.3  71.0
-        class         AP
-        circle      70.1
+           AP  AP50  AP75   APs   APm   APl   AR1  AR10 AR100
+         63.8  90.1  70.2     -  66.0  80.5  50.1  70.3  71.0
+        class        AP
+        circle     70.1
+        triangle   55.4
 
     Undefined metrics (-1) print as ``-``.
 

@@ -176,10 +176,11 @@ def dkd_loss(
     where ``tckd_r``, ``nckd_r`` are the unreduced pieces of :func:`tckd_nckd`. Note the paper's Eq. 1 weights NCKD
     by ``(1 - p_g)`` inside classical KD; DKD replaces that weight by the constant ``beta``. mdistiller takes
     ``log`` of the summed 2-class student probabilities; here the same quantities are computed in log space,
-    which agrees with mdistiller to float precision wherever mdistiller is finite and stays finite where its
-    ``log(0)`` would give inf/NaN. Defaults ``alpha=1, beta=8, T=4`` are mdistiller's defaults (its CIFAR-100
-    setting; the paper tunes ``beta`` per teacher, and mdistiller's ImageNet ResNet34->18 config uses ``beta=0.5,
-    T=1``); mdistiller's linear warm-up of the DKD weight is left to the caller.
+    which agrees with mdistiller to float precision while no probability underflows, and stays finite where
+    mdistiller's ``log`` of an underflowed (denormal or zero) probability loses precision or gives inf/NaN.
+    Defaults ``alpha=1, beta=8, T=4`` are mdistiller's defaults (its CIFAR-100 setting; the paper tunes ``beta``
+    per teacher, and mdistiller's ImageNet ResNet34->18 config uses ``beta=0.5, T=1``); mdistiller's linear
+    warm-up of the DKD weight is left to the caller.
 
     Args:
         s_logits: Student logits, shape (R, C), ``C >= 2``.
