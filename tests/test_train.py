@@ -21,7 +21,8 @@ from detkd.engine.trainer import check_finite, lr_factor
 def test_lr_schedule_warmup_step_and_cosine(tmp_path, tiny_data):
     cfg = load_config(
         tiny_recipe(tiny_data, tmp_path),
-        ["train.warmup_iters=10", "train.warmup_factor=0.1", "train.schedule.type=step", "train.schedule.milestones=[2]"],
+        ["train.warmup_iters=10", "train.warmup_factor=0.1", "train.schedule.type=step"]
+        + ["train.schedule.milestones=[2]"],
     )
     assert lr_factor(cfg, 0, 5, 20) == pytest.approx(0.1)
     assert lr_factor(cfg, 5, 5, 20) == pytest.approx(0.1 * 0.5 + 0.5)  # halfway through the linear warm-up
@@ -97,7 +98,8 @@ def test_train_tool_logs_checkpoints_and_eval_tool_reproduces_ap(tmp_path, tiny_
     assert load_checkpoint(work / "last.pth")["config"]["train"]["epochs"] == 2
 
     out = tmp_path / "eval_out"
-    proc = run_tool("eval.py", "--cfg", str(recipe), "--ckpt", str(work / "best.pth"), "--out", str(out), "--no-progress")
+    args = ["--cfg", str(recipe), "--ckpt", str(work / "best.pth"), "--out", str(out), "--no-progress"]
+    proc = run_tool("eval.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(best["metrics"]["AP"], abs=1e-9)
@@ -118,8 +120,8 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     """torchrun with 2 gloo processes: each takes half of every epoch; rank 0 writes the checkpoint."""
     recipe = tiny_recipe(tiny_data, tmp_path, "ddp", model=tiny_model())
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tools" / "train.py"), "--cfg", str(recipe), "--no-progress", "--opts", "eval.interval=0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO / "tools" / "train.py"), "--cfg", str(recipe), "--no-progress", "--opts", "eval.interval=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "work_ddp" / "last.pth")
