@@ -151,6 +151,9 @@ class Distiller(nn.Module):
         self.s_tap = FeatureTap(student)
         self.t_tap = FeatureTap(teacher)
         self._s_transform = _TransformRecorder(student)
+        for spec in self.head_specs:  # a head loss checks the pair (fails here, not at step 10,000) and hooks in
+            if hasattr(spec.module, "attach"):
+                spec.module.attach(self)
         self.needs_teacher_head = any(getattr(s.module, "needs_teacher_head", False) for s in self.head_specs) or any(
             getattr(s.module, "needs_cls_logits", False) for s in self.feature_specs
         )
@@ -213,6 +216,7 @@ class Distiller(nn.Module):
                 t_head = self.teacher.head(list(t_feat_list.values()))
 
         step = DistillStep(
+            t_backbone_out=t_feat_list,
             image_list=image_list,
             targets=s_targets,
             s_feats=s_feats,
@@ -241,8 +245,9 @@ class Distiller(nn.Module):
 class DistillStep:
     """Everything one step recorded, with per-level contexts built lazily and cached (masks computed once)."""
 
-    def __init__(self, image_list, targets, s_feats, t_feats, s_head, t_head, student, teacher, teacher_detections,
-                 levels, strides) -> None:  # fmt: skip
+    def __init__(self, t_backbone_out, image_list, targets, s_feats, t_feats, s_head, t_head, student, teacher,
+                 teacher_detections, levels, strides) -> None:  # fmt: skip
+        self.t_backbone_out = t_backbone_out  # the teacher backbone's own output dict (keys '0', '1', ... 'pool')
         self.image_list = image_list
         self.targets = targets
         self.s_feats = s_feats
@@ -256,8 +261,40 @@ class DistillStep:
         self.strides = strides
         self.image_hw = tuple(image_list.tensors.shape[-2:])
         self._contexts: dict[str, LevelContext] = {}
+        self._anchors: Optional[list[torch.Tensor]] = None
+        # the dense head's levels in its own (finest-first) order, and the number of cells over them
+        self.head_levels = sorted(s_feats, key=lambda name: strides[name])
+        self.head_positions = sum(s_feats[k].shape[-2] * s_feats[k].shape[-1] for k in self.head_levels)
         self._s_cls = split_per_level(s_head["cls_logits"], s_feats) if "cls_logits" in s_head else None
         self._t_cls = split_per_level(t_head["cls_logits"], t_feats) if "cls_logits" in t_head else None
+
+    def anchors(self) -> list[torch.Tensor]:
+        """The student's anchors per image, ``(sum_l H_l*W_l*A, 4)`` xyxy on the padded canvas (computed once)."""
+        if self._anchors is None:
+            generator = getattr(self.student, "anchor_generator", None)
+            if generator is None:
+                generator = self.student.rpn.anchor_generator
+            feats = [self.s_feats[k] for k in self.head_levels]
+            with torch.no_grad():
+                self._anchors = generator(self.image_list, feats)
+        return self._anchors
+
+    def level_anchors(self, level: str) -> Optional[torch.Tensor]:
+        """The anchors of one level as ``(H, W, A, 4)`` (identical for every image of the padded batch)."""
+        generator = getattr(self.student, "anchor_generator", None) or getattr(
+            getattr(self.student, "rpn", None), "anchor_generator", None
+        )
+        if generator is None or not hasattr(generator, "num_anchors_per_location"):
+            return None  # SSD's default boxes: losses fall back to their anchor-free variant
+        all_anchors = self.anchors()[0]
+        counts = generator.num_anchors_per_location()
+        start = 0
+        for name, a in zip(self.head_levels, counts):
+            h, w = self.s_feats[name].shape[-2:]
+            if name == level:
+                return all_anchors[start : start + h * w * a].reshape(h, w, a, 4)
+            start += h * w * a
+        return None
 
     @property
     def gt_boxes(self) -> list[torch.Tensor]:
@@ -360,12 +397,7 @@ def build_distiller_from_cfg(cfg, num_classes: int) -> Distiller:
                 continue
             head_specs.append(LossSpec(_unique(loss_cfg.type, names), module, loss_cfg.weight))
     probe = max(32, student_cfg.min_size)
-    distiller = Distiller(teacher, student, feature_specs, head_specs, pseudo_labeler, probe_size=probe)
-    for spec in head_specs:
-        check = getattr(spec.module, "check_pair", None)
-        if check is not None:
-            check(distiller)
-    return distiller
+    return Distiller(teacher, student, feature_specs, head_specs, pseudo_labeler, probe_size=probe)
 
 
 def _unique(name: str, seen: dict[str, int]) -> str:

@@ -381,9 +381,9 @@ class Trainer:
         start = time.time()
         while self.state.epoch < cfg.train.epochs and self.state.iteration < self.total_iters:
             epoch = self.state.epoch
-            sampler = self.train_loader.sampler
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+            for sampler in (self.train_loader.sampler, self.train_loader.batch_sampler):
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
             if hasattr(self.train_loader.dataset, "set_epoch"):
                 self.train_loader.dataset.set_epoch(epoch)
             means = train_one_epoch(self, epoch)
