@@ -348,7 +348,7 @@ def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
     return copied
 
 
-def build_distiller_from_cfg(cfg, num_classes: int) -> Distiller:
+def build_distiller_from_cfg(cfg, num_classes: int, cat_id_to_label: Optional[dict[int, int]] = None) -> Distiller:
     """Teacher (loaded from its checkpoint), student (per ``student.init``), losses and adapters from a recipe."""
     from detkd.losses import FEATURE_LOSSES, HEAD_LOSSES, build_feature_loss
     from detkd.models.build import build_detector_from_cfg
@@ -393,6 +393,7 @@ def build_distiller_from_cfg(cfg, num_classes: int) -> Distiller:
             module = HEAD_LOSSES[loss_cfg.type](**dict(loss_cfg.params))
             if getattr(module, "is_pseudo_labeler", False):
                 module.separate_weight = loss_cfg.weight
+                module.set_category_map(cat_id_to_label or {i: i for i in range(1, num_classes)})
                 pseudo_labeler = module
                 continue
             head_specs.append(LossSpec(_unique(loss_cfg.type, names), module, loss_cfg.weight))

@@ -133,6 +133,27 @@ def evaluate_detector_checkpoint(
     return metrics
 
 
+def make_mixed_loader(cfg: Config, train_set: CocoDetection):
+    """Labelled batches interleaved with ``data.unlabeled.ratio`` unlabelled batches per labelled batch."""
+    import torch.distributed as dist
+
+    from detkd.data.unlabeled import EpochConcatDataset, MixedBatchSampler, UnlabeledImages
+
+    u = cfg.data.unlabeled
+    unlabeled = UnlabeledImages(u.img_dir, u.ann_file, transforms=train_set.transforms, seed=cfg.train.seed)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = MixedBatchSampler(
+        len(train_set), len(unlabeled), cfg.data.batch_size, u.ratio, cfg.train.seed, rank, world
+    )
+    return torch.utils.data.DataLoader(
+        EpochConcatDataset([train_set, unlabeled]),
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_detection,
+    )
+
+
 def check_teacher(
     cfg: Config, teacher: torch.nn.Module, val_set: CocoDetection, device: torch.device, show: bool
 ) -> dict[str, Any]:
@@ -172,13 +193,23 @@ def train_distill(
     barrier()
     train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
-    distiller = build_distiller_from_cfg(cfg, train_set.num_classes)
+    distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
+    if cfg.data.unlabeled is not None and distiller.pseudo_labeler is None:
+        raise ValueError(
+            f"recipe '{cfg.name}' sets data.unlabeled but no pseudo_label head loss: unlabelled images can only "
+            f"be learned from the teacher's pseudo labels; add {{type: pseudo_label}} under distill.head."
+        )
     show = show_progress and is_main_process()
     teacher_metrics = {}
     if is_main_process():
         teacher_metrics = check_teacher(cfg, distiller.teacher, val_set, device, show)
     barrier()
-    loader = make_train_loader(train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection)
+    if cfg.data.unlabeled is not None:
+        loader = make_mixed_loader(cfg, train_set)
+    else:
+        loader = make_train_loader(
+            train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection
+        )
     trainer = Trainer(
         cfg,
         distiller,
