@@ -113,9 +113,12 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class TeacherCfg(ModelCfg):
-    """The frozen teacher. ``train_if_missing`` names a recipe that trains it when ``checkpoint`` does not exist."""
+    """The frozen teacher. ``train_if_missing`` names a recipe that trains it (into the folder of ``checkpoint``,
+    which must then be named ``best.pth``) when ``checkpoint`` does not exist; ``train_opts`` are ``--opts``
+    overrides for that recipe."""
 
     train_if_missing: Optional[str] = None
+    train_opts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

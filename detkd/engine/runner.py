@@ -133,6 +133,44 @@ def evaluate_detector_checkpoint(
     return metrics
 
 
+def ensure_teacher(cfg: Config, show_progress: bool = True) -> Optional[dict[str, Any]]:
+    """Train the teacher with ``teacher.train_if_missing`` when ``teacher.checkpoint`` does not exist yet."""
+    from detkd.config import load_config
+
+    teacher = cfg.teacher
+    if teacher is None or teacher.checkpoint is None or Path(teacher.checkpoint).is_file():
+        return None
+    if teacher.train_if_missing is None:
+        raise FileNotFoundError(
+            f"teacher checkpoint {teacher.checkpoint} does not exist; train it with tools/train.py, or set "
+            f"teacher.train_if_missing to the recipe that trains it."
+        )
+    ckpt = Path(teacher.checkpoint)
+    if ckpt.name != "best.pth":
+        raise ValueError(
+            f"teacher.train_if_missing trains into the folder of teacher.checkpoint and writes best.pth there; "
+            f"name the checkpoint <folder>/best.pth (got {ckpt})."
+        )
+    teacher_cfg = load_config(teacher.train_if_missing, list(teacher.train_opts))
+    model = teacher_cfg.model
+    if model is None or (model.arch, model.backbone, model.fpn_channels) != (
+        teacher.arch,
+        teacher.backbone,
+        teacher.fpn_channels,
+    ):
+        raise ValueError(
+            f"teacher.train_if_missing={teacher.train_if_missing} trains "
+            f"{None if model is None else (model.arch, model.backbone, model.fpn_channels)}, but the recipe's "
+            f"teacher is {(teacher.arch, teacher.backbone, teacher.fpn_channels)}; they must describe one detector."
+        )
+    if is_main_process():
+        print(f"teacher checkpoint {ckpt} is missing: training it with {teacher.train_if_missing} first")
+    summary = train_detector(teacher_cfg, work_dir=str(ckpt.parent), show_progress=show_progress)
+    if not ckpt.is_file():
+        raise RuntimeError(f"training the teacher with {teacher.train_if_missing} did not produce {ckpt}.")
+    return summary
+
+
 def make_mixed_loader(cfg: Config, train_set: CocoDetection):
     """Labelled batches interleaved with ``data.unlabeled.ratio`` unlabelled batches per labelled batch."""
     import torch.distributed as dist
@@ -191,6 +229,8 @@ def train_distill(
     if is_main_process():
         ensure_data(cfg.data, show_progress)
     barrier()
+    ensure_teacher(cfg, show_progress)
+    seed_everything(cfg.train.seed)  # the student's initialisation must not depend on whether a teacher was trained
     train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
     distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
