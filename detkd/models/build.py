@@ -1,0 +1,666 @@
+"""Torchvision detectors from explicit arguments: a registry of architectures and backbones, and their builders.
+
+Every detector is a plain torchvision model (``RetinaNet``, ``FCOS``, ``FasterRCNN``, ``SSD``) assembled from
+torchvision's public classes, so a trained state_dict loads back without detkd. The conventions:
+
+* Labels are contiguous ``1..K`` with ``0`` = background, and ``num_classes`` passed here is ``K + 1`` (the
+  torchvision convention; RetinaNet/FCOS then carry one never-positive class 0).
+* Feature pyramids: RetinaNet and FCOS use P3-P7 (strides 8..128: C3-C5 through an FPN, P6/P7 from P5 with
+  ``LastLevelP6P7``), Faster R-CNN uses P2-P5 plus the max-pooled P6 ("pool", strides 4..64). MobileNetV3 backbones
+  feed the same FPN from the *last* block of each stride (torchvision's own MobileNet FPN takes the *first* block
+  of a stage, which gives two stride-32 levels); SSDLite keeps torchvision's SSDLite feature extractor (strides
+  16..512).
+* ``norm="bn"`` builds trainable ``BatchNorm2d`` (training from scratch); ``norm="frozen_bn"`` builds
+  ``FrozenBatchNorm2d`` in the backbone (fine-tuning a pretrained backbone). No layer is frozen otherwise: every
+  parameter is trainable.
+
+Anchor sizes (``anchor_sizes``): one base size in pixels per pyramid level, fine to coarse. torchvision's defaults
+are tuned for ~800 px COCO images (RetinaNet 32..512 = 4 x stride on P3-P7; Faster R-CNN 32..512 = 8 x stride on
+P2-P6). detkd trains at ~128 px with objects from 8 to 64 px, where those anchors would put a 32 px anchor on the
+finest RetinaNet level and leave most levels without a matching object. The default rule here is
+**base = 2 x stride** (RetinaNet/FCOS P3..P7: 16, 32, 64, 128, 256; Faster R-CNN P2..P6: 8, 16, 32, 64, 128), so the
+stride-8 level carries 16-25 px anchors and 8-64 px objects spread over the three finest levels. Per architecture:
+
+* RetinaNet: three octave scales ``base * 2**(i/3)`` (truncated to int, as torchvision does) times the aspect ratios
+  (0.5, 1, 2) -> 9 anchors per location. ``anchor_sizes=[32, 64, 128, 256, 512]`` reproduces torchvision.
+* Faster R-CNN: one size ``base`` times the ratios (0.5, 1, 2) -> 3 RPN anchors per location.
+  ``[32, 64, 128, 256, 512]`` reproduces torchvision. Proposal counts at test time follow torchvision's low
+  resolution (320 px) recipe: 150 pre-/post-NMS proposals per level/image, RPN score threshold 0.05.
+* FCOS: torchvision's FCOS "anchor" is a point with a size ``a`` that sets the level's regression range
+  ``(4a, 8a)`` (on the largest of the distances l, t, r, b) and the centre-sampling radius
+  ``center_sampling_radius * a``. Here ``a = base / 4`` (so with the default rule level l regresses distances in
+  ``(2 * stride, 4 * stride)``: P3 < 32 px, P4 32-64 px, P5 64-128 px, ...), and ``center_sampling_radius =
+  1.5 * stride / a`` on P3, which keeps the paper's radius of 1.5 strides in pixels (3.0 with the default rule).
+  ``[32, 64, 128, 256, 512]`` reproduces torchvision (a = stride, radius 1.5).
+* SSDLite: six sizes, one per level (strides 16..512), converted to fractions of the (square) input
+  ``base / min_size`` for torchvision's ``DefaultBoxGenerator`` (its last, extra scale is 1.0). SSD boxes are
+  image-relative, so the default is the SSD linear rule with ``min_ratio=0.1, max_ratio=0.95`` (12.8..121.6 px at
+  128 px; torchvision's SSDLite320 uses 0.2..0.95 at 320 px, whose smallest box, 64 px, would miss small objects).
+
+Pretrained weights (``weights``/``weights_backbone``) are torchvision enum names such as
+``"ResNet50_Weights.IMAGENET1K_V1"``; they are fetched with ``torch.hub.load_state_dict_from_url``, which reads the
+torch hub cache first, so a file copied into the cache works offline. ``checkpoint`` is a local file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum, get_weight
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet, SSDLiteHead
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+StateDict = Mapping[str, torch.Tensor]
+
+NORMS = ("bn", "frozen_bn")
+NON_BUILD_FIELDS = ("train_if_missing", "init")
+"""Config fields that belong to the recipe (teacher training, student initialisation), not to the detector."""
+
+DENSE_STRIDES = (8, 16, 32, 64, 128)  # RetinaNet / FCOS: P3-P7
+RCNN_STRIDES = (4, 8, 16, 32, 64)  # Faster R-CNN: P2-P5 + pool
+SSD_STRIDES = (16, 32, 64, 128, 256, 512)  # SSDLite: C4 expansion, C5, four extra blocks
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+CLASS_DEPENDENT_PREFIXES = ("head.classification_head.", "roi_heads.box_predictor.")
+"""State-dict prefixes whose shape depends on ``num_classes`` (skipped when pretrained detector weights differ)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbones
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """A registered classification backbone.
+
+    Attributes:
+        family: ``"resnet"`` or ``"mobilenet_v3"``.
+        builder: torchvision's model function, called as ``builder(weights=None, norm_layer=...)``.
+        weights_enum: torchvision's weights enum of that model (valid ``weights_backbone`` values).
+    """
+
+    family: str
+    builder: Callable[..., nn.Module]
+    weights_enum: type[WeightsEnum]
+
+
+BACKBONES: dict[str, BackboneInfo] = {
+    "resnet18": BackboneInfo("resnet", torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
+    "resnet34": BackboneInfo("resnet", torchvision.models.resnet34, torchvision.models.ResNet34_Weights),
+    "resnet50": BackboneInfo("resnet", torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
+    "resnet101": BackboneInfo("resnet", torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
+    "mobilenet_v3_large": BackboneInfo(
+        "mobilenet_v3", torchvision.models.mobilenet_v3_large, torchvision.models.MobileNet_V3_Large_Weights
+    ),
+    "mobilenet_v3_small": BackboneInfo(
+        "mobilenet_v3", torchvision.models.mobilenet_v3_small, torchvision.models.MobileNet_V3_Small_Weights
+    ),
+}
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones, sorted."""
+    return sorted(BACKBONES)
+
+
+def _backbone_info(name: str) -> BackboneInfo:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(list_backbones())}")
+    return BACKBONES[name]
+
+
+def _norm_layer(norm: str, family: str) -> Callable[..., nn.Module]:
+    """The backbone normalisation layer; MobileNetV3 keeps torchvision's eps/momentum so pretrained weights fit."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm '{norm}'; valid: {', '.join(NORMS)}")
+    if family == "mobilenet_v3":
+        if norm == "bn":
+            return partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+        return partial(FrozenBatchNorm2d, eps=0.001)
+    return nn.BatchNorm2d if norm == "bn" else FrozenBatchNorm2d
+
+
+def build_classifier_backbone(
+    name: str, norm: str = "bn", state_dict: Optional[StateDict] = None, **kwargs: Any
+) -> nn.Module:
+    """The torchvision classification model behind a backbone name (classifier head included).
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        norm: ``"bn"`` or ``"frozen_bn"``.
+        state_dict: optional ImageNet weights of that model (loaded strictly).
+        **kwargs: passed to the torchvision model function (e.g. ``reduced_tail`` for MobileNetV3).
+
+    Returns:
+        The ``ResNet`` / ``MobileNetV3`` module.
+    """
+    info = _backbone_info(name)
+    model = info.builder(weights=None, norm_layer=_norm_layer(norm, info.family), **kwargs)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
+
+
+def _mobilenet_block_strides(features: nn.Sequential) -> list[int]:
+    """Output stride of each block of ``MobileNetV3.features`` (block 0 has stride 2; ``_is_cn`` blocks halve)."""
+    strides, stride = [], 1
+    for i, block in enumerate(features):
+        if i == 0 or getattr(block, "_is_cn", False):
+            stride *= 2
+        strides.append(stride)
+    return strides
+
+
+def build_fpn_backbone(
+    name: str,
+    strides: Sequence[int],
+    fpn_channels: int,
+    extra_blocks: ExtraFPNBlock,
+    norm: str = "bn",
+    state_dict: Optional[StateDict] = None,
+) -> BackboneWithFPN:
+    """A backbone + FPN that returns the backbone levels at ``strides`` and the extra levels of ``extra_blocks``.
+
+    ResNet: ``layer{i}`` has stride ``2**(i + 1)``. MobileNetV3: the last block of ``features`` at each stride, so
+    every level is the deepest feature of its resolution.
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        strides: strides of the backbone levels fed to the FPN, e.g. ``(8, 16, 32)``; each in 4..32.
+        fpn_channels: FPN output channels (the same on every level).
+        extra_blocks: ``LastLevelP6P7`` or ``LastLevelMaxPool``.
+        norm: ``"bn"`` or ``"frozen_bn"`` (backbone only; the FPN has no normalisation, as in torchvision).
+        state_dict: optional ImageNet weights of the classification model.
+
+    Returns:
+        ``BackboneWithFPN`` whose forward maps ``(N, 3, H, W)`` to an ordered dict of ``(N, fpn_channels, h, w)``.
+    """
+    info = _backbone_info(name)
+    model = build_classifier_backbone(name, norm, state_dict)
+    if info.family == "resnet":
+        expansion = type(model.layer1[0]).expansion
+        stages = {4: 1, 8: 2, 16: 3, 32: 4}
+        body: nn.Module = model
+        return_layers = {f"layer{stages[s]}": str(i) for i, s in enumerate(strides)}
+        in_channels = [64 * 2 ** (stages[s] - 1) * expansion for s in strides]
+    else:
+        body = model.features
+        block_strides = _mobilenet_block_strides(body)
+        last = {s: max(i for i, bs in enumerate(block_strides) if bs == s) for s in set(block_strides)}
+        return_layers = {str(last[s]): str(i) for i, s in enumerate(strides)}
+        in_channels = [body[last[s]].out_channels for s in strides]
+    return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra_blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detectors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _base_sizes(anchor_sizes: Optional[Sequence[float]], strides: Sequence[int], arch: str) -> list[float]:
+    if anchor_sizes is None:
+        return [2.0 * s for s in strides]
+    sizes = [float(s) for s in anchor_sizes]
+    if len(sizes) != len(strides) or min(sizes) <= 0:
+        raise ValueError(
+            f"anchor_sizes for {arch} must be {len(strides)} positive sizes in pixels, one per level (strides "
+            f"{', '.join(map(str, strides))}); got {list(anchor_sizes)}"
+        )
+    return sizes
+
+
+def build_retinanet(
+    backbone: str,
+    num_classes: int,
+    fpn_channels: int = 256,
+    min_size: int = 128,
+    max_size: int = 128,
+    norm: str = "bn",
+    anchor_sizes: Optional[Sequence[float]] = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    backbone_state_dict: Optional[StateDict] = None,
+) -> RetinaNet:
+    """RetinaNet on P3-P7 with 9 anchors per location (sizes: see the module docstring).
+
+    Args:
+        backbone: a key of :data:`BACKBONES`.
+        num_classes: ``K + 1`` (class 0 is background and never positive).
+        fpn_channels: FPN width.
+        min_size: torchvision transform ``min_size``.
+        max_size: torchvision transform ``max_size``.
+        norm: ``"bn"`` or ``"frozen_bn"``.
+        anchor_sizes: five base sizes in pixels (default ``2 * stride``).
+        score_thresh: score threshold of the post-processing.
+        nms_thresh: NMS IoU threshold.
+        detections_per_img: detections kept per image.
+        backbone_state_dict: optional ImageNet weights of the backbone.
+
+    Returns:
+        ``torchvision.models.detection.RetinaNet``.
+    """
+    bases = _base_sizes(anchor_sizes, DENSE_STRIDES, "retinanet")
+    sizes = tuple(tuple(int(b * 2 ** (i / 3)) for i in range(3)) for b in bases)
+    anchor_gen = AnchorGenerator(sizes, (ASPECT_RATIOS,) * len(sizes))
+    body = build_fpn_backbone(
+        backbone, DENSE_STRIDES[:3], fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels), norm, backbone_state_dict
+    )
+    return RetinaNet(
+        body,
+        num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        anchor_generator=anchor_gen,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+    )
+
+
+def build_fcos(
+    backbone: str,
+    num_classes: int,
+    fpn_channels: int = 256,
+    min_size: int = 128,
+    max_size: int = 128,
+    norm: str = "bn",
+    anchor_sizes: Optional[Sequence[float]] = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    backbone_state_dict: Optional[StateDict] = None,
+) -> FCOS:
+    """FCOS on P3-P7 (one point per location; regression ranges and sampling radius: see the module docstring).
+
+    The FCOS head normalises with ``GroupNorm(32)``; when ``fpn_channels`` is not a multiple of 32 the head is
+    rebuilt with ``GroupNorm(gcd(32, fpn_channels))``. Arguments as :func:`build_retinanet`.
+
+    Returns:
+        ``torchvision.models.detection.FCOS``.
+    """
+    bases = _base_sizes(anchor_sizes, DENSE_STRIDES, "fcos")
+    points = [b / 4.0 for b in bases]
+    anchor_gen = AnchorGenerator(tuple((p,) for p in points), ((1.0,),) * len(points))
+    body = build_fpn_backbone(
+        backbone, DENSE_STRIDES[:3], fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels), norm, backbone_state_dict
+    )
+    if fpn_channels % 32 == 0:
+        head = FCOSHead(fpn_channels, 1, num_classes)
+    else:  # FCOSHead hard-codes GroupNorm(32): build it narrow, then give it sub-heads of the right width
+        head = FCOSHead(32, 1, num_classes)
+        group_norm = partial(nn.GroupNorm, math.gcd(32, fpn_channels))
+        head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, norm_layer=group_norm)
+        head.regression_head = FCOSRegressionHead(fpn_channels, 1, norm_layer=group_norm)
+    return FCOS(
+        body,
+        num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        anchor_generator=anchor_gen,
+        head=head,
+        center_sampling_radius=1.5 * DENSE_STRIDES[0] / points[0],
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+    )
+
+
+def build_faster_rcnn(
+    backbone: str,
+    num_classes: int,
+    fpn_channels: int = 256,
+    min_size: int = 128,
+    max_size: int = 128,
+    norm: str = "bn",
+    anchor_sizes: Optional[Sequence[float]] = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    backbone_state_dict: Optional[StateDict] = None,
+) -> FasterRCNN:
+    """Faster R-CNN on P2-P5 + pool with 3 RPN anchors per location and torchvision's two-layer MLP box head.
+
+    Arguments as :func:`build_retinanet` (``score_thresh``/``nms_thresh``/``detections_per_img`` are the box
+    head's). ROIs are pooled by torchvision's ``MultiScaleRoIAlign`` rule (canonical 224 px on P4), which at 128 px
+    pools every box under 112 px from P2, the finest level.
+
+    Returns:
+        ``torchvision.models.detection.FasterRCNN``.
+    """
+    bases = _base_sizes(anchor_sizes, RCNN_STRIDES, "faster_rcnn")
+    anchor_gen = AnchorGenerator(tuple((int(b),) for b in bases), (ASPECT_RATIOS,) * len(bases))
+    body = build_fpn_backbone(backbone, RCNN_STRIDES[:4], fpn_channels, LastLevelMaxPool(), norm, backbone_state_dict)
+    return FasterRCNN(
+        body,
+        num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchor_gen,
+        rpn_pre_nms_top_n_test=150,
+        rpn_post_nms_top_n_test=150,
+        rpn_score_thresh=0.05,
+        box_score_thresh=score_thresh,
+        box_nms_thresh=nms_thresh,
+        box_detections_per_img=detections_per_img,
+    )
+
+
+def build_ssdlite(
+    backbone: str,
+    num_classes: int,
+    fpn_channels: int = 256,
+    min_size: int = 128,
+    max_size: int = 128,
+    norm: str = "bn",
+    anchor_sizes: Optional[Sequence[float]] = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    backbone_state_dict: Optional[StateDict] = None,
+) -> SSD:
+    """SSDLite (torchvision's SSDLite320 layout) on a MobileNetV3 backbone, at a fixed square input of ``min_size``.
+
+    The input is resized to ``(min_size, min_size)`` (SSD uses a fixed size; ``max_size`` and ``fpn_channels`` are
+    ignored). ``norm`` applies to the MobileNetV3 body; the extra blocks and the head keep torchvision's trainable
+    ``BatchNorm2d(eps=0.001, momentum=0.03)``. Inputs are scaled to [-1, 1] as in torchvision's SSDLite. At 128 px the
+    three coarsest levels are 1x1, so training needs at least 2 images per batch (BatchNorm statistics).
+    torchvision's COCO SSDLite weights use MobileNetV3's reduced tail and do not fit this layout.
+
+    Returns:
+        ``torchvision.models.detection.SSD`` with an ``SSDLiteHead``.
+    """
+    info = _backbone_info(backbone)
+    if info.family != "mobilenet_v3":
+        valid = ", ".join(n for n in list_backbones() if BACKBONES[n].family == "mobilenet_v3")
+        raise ValueError(
+            f"detector 'ssdlite' does not support backbone '{backbone}'; valid backbones for ssdlite: {valid}"
+        )
+    features = build_classifier_backbone(backbone, norm, backbone_state_dict).features
+    c5_pos = max(i for i, b in enumerate(features) if getattr(b, "_is_cn", False))
+    head_norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    extractor = SSDLiteFeatureExtractorMobileNet(features, c5_pos, head_norm)
+    out_channels = [m[-1].out_channels for m in extractor.features] + [m[-1].out_channels for m in extractor.extra]
+    if anchor_sizes is None:
+        anchor_gen = DefaultBoxGenerator([[2, 3] for _ in SSD_STRIDES], min_ratio=0.1, max_ratio=0.95)
+    else:
+        scales = [b / min_size for b in _base_sizes(anchor_sizes, SSD_STRIDES, "ssdlite")] + [1.0]
+        anchor_gen = DefaultBoxGenerator([[2, 3] for _ in SSD_STRIDES], scales=scales)
+    head = SSDLiteHead(out_channels, anchor_gen.num_anchors_per_location(), num_classes, head_norm)
+    return SSD(
+        extractor,
+        anchor_gen,
+        (min_size, min_size),
+        num_classes,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        head=head,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        topk_candidates=300,
+    )
+
+
+DETECTORS: dict[str, Callable[..., nn.Module]] = {
+    "fcos": build_fcos,
+    "faster_rcnn": build_faster_rcnn,
+    "retinanet": build_retinanet,
+    "ssdlite": build_ssdlite,
+}
+
+
+def list_detectors() -> list[str]:
+    """Names of the registered detector architectures, sorted."""
+    return sorted(DETECTORS)
+
+
+def detector_family(model: nn.Module) -> str:
+    """``"retinanet"``, ``"fcos"``, ``"faster_rcnn"`` or ``"ssd"`` for a torchvision detector (DDP unwrapped)."""
+    model = getattr(model, "module", model)
+    for cls, family in ((RetinaNet, "retinanet"), (FCOS, "fcos"), (FasterRCNN, "faster_rcnn"), (SSD, "ssd")):
+        if isinstance(model, cls):
+            return family
+    raise TypeError(f"{type(model).__name__} is not a RetinaNet, FCOS, FasterRCNN or SSD detector")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_weights(name: str, expected: Optional[type[WeightsEnum]] = None) -> WeightsEnum:
+    """A torchvision weights enum from its full name, e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``.
+
+    Args:
+        name: ``"<EnumClass>.<MEMBER>"``.
+        expected: if given, the enum class the weights must belong to (the error then lists its members).
+
+    Raises:
+        ValueError: unknown name, or weights of another model.
+    """
+    hint = ""
+    if expected is not None:
+        hint = f"; valid for this backbone: {', '.join(f'{expected.__name__}.{m.name}' for m in expected)}"
+    try:
+        weights = get_weight(name)
+    except (ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"unknown torchvision weights '{name}' (expected '<Enum>.<MEMBER>'{hint})") from err
+    if expected is not None and not isinstance(weights, expected):
+        raise ValueError(f"weights '{name}' belong to another model{hint}")
+    return weights
+
+
+def fetch_weights(weights: WeightsEnum, name: str) -> dict[str, torch.Tensor]:
+    """Download (or read from the torch hub cache) the state_dict of torchvision ``weights``.
+
+    Raises:
+        RuntimeError: the download failed; the message says how to provide the file offline.
+    """
+    url = weights.url
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+    except Exception as err:  # noqa: BLE001 - every failure becomes one actionable message, the cause chained
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        raise RuntimeError(
+            f"could not fetch torchvision weights '{name}' from {url} ({type(err).__name__}: {err}). This machine "
+            f"may have no network access. Download the file on a machine that has (e.g. `wget {url}`), copy it here "
+            f"and either place it at {cache} (torchvision then finds it in its cache without network) or load it "
+            f"yourself: a detector state_dict of this exact architecture can be passed as `checkpoint: <path>`."
+        ) from err
+
+
+def _load_checked(model: nn.Module, state: StateDict, source: str, skip_prefixes: Sequence[str] = ()) -> list[str]:
+    """Load ``state`` into ``model`` after checking names and shapes; return the keys skipped.
+
+    Keys under ``skip_prefixes`` whose shape differs are skipped (class-dependent layers of pretrained detectors);
+    any other missing, unexpected or mis-shaped key raises. ``num_batches_tracked`` buffers may be absent on either
+    side (``FrozenBatchNorm2d`` has none).
+    """
+    own = model.state_dict()
+    nbt = "num_batches_tracked"
+    missing = [k for k in own if k not in state and not k.endswith(nbt)]
+    unexpected = [k for k in state if k not in own and not k.endswith(nbt)]
+    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    skipped = [k for k in mismatched if k.startswith(tuple(skip_prefixes))]
+    mismatched = [k for k in mismatched if k not in skipped]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            shown = "; ".join(
+                f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:5]
+            )
+            parts.append(f"{len(mismatched)} tensors differ in shape ({shown})")
+        if missing:
+            parts.append(f"{len(missing)} model keys are missing from it ({', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} of its keys are not in the model ({', '.join(unexpected[:5])})")
+        raise RuntimeError(
+            f"{source} does not fit this {type(model).__name__}: {'; '.join(parts)}. Was it saved from another "
+            f"arch, backbone, fpn_channels, anchor setting or number of classes?"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped and k in own}, strict=False)
+    return skipped
+
+
+def load_detector_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Load a checkpoint file into ``model`` strictly (names and shapes must match).
+
+    Args:
+        model: the detector.
+        path: a file saved with ``torch.save``: a plain state_dict, or a dict with a ``"model"`` state_dict (detkd
+            checkpoints). A ``"module."`` prefix on every key (DDP) is stripped. Loaded with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file holds no state_dict.
+        RuntimeError: names or shapes differ (the first mismatching keys are named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(
+            f"checkpoint '{path}' holds neither a state_dict nor a dict with a 'model' state_dict (found {keys})"
+        )
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    _load_checked(model, obj, f"checkpoint '{path}'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_detector(
+    arch: str,
+    backbone: str,
+    num_classes: int,
+    fpn_channels: int = 256,
+    min_size: int = 128,
+    max_size: int = 128,
+    weights: Optional[str] = None,
+    weights_backbone: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    anchor_sizes: Optional[Sequence[int]] = None,
+    norm: str = "bn",
+) -> nn.Module:
+    """Build a torchvision detector by name and optionally load weights.
+
+    Args:
+        arch: ``fcos``, ``faster_rcnn``, ``retinanet`` or ``ssdlite`` (see :func:`list_detectors`).
+        backbone: ``resnet18/34/50/101`` or ``mobilenet_v3_large/small`` (ssdlite: MobileNetV3 only).
+        num_classes: ``K + 1`` for labels ``1..K`` (0 = background).
+        fpn_channels: FPN width (ignored by ssdlite).
+        min_size: torchvision transform ``min_size`` (ssdlite: the fixed square input side).
+        max_size: torchvision transform ``max_size``.
+        weights: torchvision detector weights, e.g. ``"RetinaNet_ResNet50_FPN_Weights.COCO_V1"``; they must match
+            the built layout (arch, backbone, ``fpn_channels=256``, 9/1/3 anchors per location); class-dependent
+            predictor layers whose shape differs (``num_classes != 91``) are skipped with a warning.
+        weights_backbone: torchvision ImageNet weights of the backbone, e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``;
+            ignored (with a warning) when ``weights`` is given.
+        checkpoint: path of a detector state_dict / detkd checkpoint, loaded last and strictly.
+        score_thresh: post-processing score threshold.
+        nms_thresh: post-processing NMS IoU threshold.
+        detections_per_img: detections kept per image.
+        anchor_sizes: base anchor size in pixels per level, fine to coarse; default ``2 * stride`` (module docstring).
+        norm: ``"bn"`` (trainable BatchNorm) or ``"frozen_bn"`` (``FrozenBatchNorm2d`` in the backbone).
+
+    Returns:
+        The detector, in train mode, all parameters trainable.
+
+    Raises:
+        ValueError: unknown arch/backbone/norm/weights name, or an unsupported combination.
+        RuntimeError: pretrained weights could not be downloaded, or a checkpoint does not fit.
+        FileNotFoundError: ``checkpoint`` does not exist.
+    """
+    if arch not in DETECTORS:
+        raise ValueError(f"unknown detector '{arch}'; valid: {', '.join(list_detectors())}")
+    info = _backbone_info(backbone)
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm '{norm}'; valid: {', '.join(NORMS)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be K + 1 >= 2 (labels 1..K, 0 = background); got {num_classes}")
+
+    det_weights = resolve_weights(weights) if weights is not None else None
+    if det_weights is not None and "detection" not in type(det_weights).__module__:
+        raise ValueError(f"weights '{weights}' are not detector weights; use weights_backbone for a classifier")
+    backbone_state = None
+    if weights_backbone is not None:
+        bb_weights = resolve_weights(weights_backbone, info.weights_enum)
+        if det_weights is not None:
+            warnings.warn(f"weights '{weights}' given: weights_backbone '{weights_backbone}' is ignored", stacklevel=2)
+        else:
+            backbone_state = fetch_weights(bb_weights, weights_backbone)
+
+    model = DETECTORS[arch](
+        backbone,
+        num_classes,
+        fpn_channels=fpn_channels,
+        min_size=min_size,
+        max_size=max_size,
+        norm=norm,
+        anchor_sizes=anchor_sizes,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        backbone_state_dict=backbone_state,
+    )
+    if det_weights is not None:
+        state = fetch_weights(det_weights, weights)
+        skipped = _load_checked(model, state, f"weights '{weights}'", skip_prefixes=CLASS_DEPENDENT_PREFIXES)
+        if skipped:
+            warnings.warn(f"weights '{weights}': class-dependent layers not loaded: {', '.join(skipped)}", stacklevel=2)
+    if checkpoint is not None:
+        load_detector_weights(model, checkpoint)
+    return model
+
+
+def build_detector_from_cfg(cfg: Any, num_classes: int) -> nn.Module:
+    """:func:`build_detector` from a config dataclass (``detkd.config.ModelCfg`` and its subclasses).
+
+    Every field must be a keyword of :func:`build_detector` (other than ``num_classes``) or be listed in
+    :data:`NON_BUILD_FIELDS`; anything else is an error, never silently dropped.
+
+    Args:
+        cfg: a dataclass instance (or a mapping) with the build fields.
+        num_classes: ``K + 1``.
+    """
+    fields = dict(cfg) if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
+    params = set(inspect.signature(build_detector).parameters) - {"num_classes"}
+    unknown = sorted(k for k in fields if k not in params and k not in NON_BUILD_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"model config has fields build_detector does not accept: {', '.join(unknown)}; accepted: "
+            f"{', '.join(sorted(params))} (recipe-only fields: {', '.join(NON_BUILD_FIELDS)})"
+        )
+    kwargs = {k: v for k, v in fields.items() if k in params}
+    if kwargs.get("anchor_sizes") is not None:
+        kwargs["anchor_sizes"] = list(kwargs["anchor_sizes"])
+    return build_detector(num_classes=num_classes, **kwargs)

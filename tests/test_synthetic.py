@@ -1,0 +1,182 @@
+"""The deterministic synthetic COCO-format generator: determinism, COCO validity, content and caching."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import run_tool
+from pycocotools.coco import COCO
+
+from detkd.data.synthetic import (
+    CATEGORIES,
+    STAMP_FILE,
+    ensure_synthetic,
+    generate_split,
+    generate_synthetic_coco,
+    render_sample,
+    split_stats,
+)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, keyed by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _load_coco(ann_file: str) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(ann_file)
+
+
+def test_same_arguments_give_identical_bytes_and_other_seed_differs(tmp_path: Path) -> None:
+    a = generate_synthetic_coco(tmp_path / "a", num_train=12, num_val=4, size=64, seed=5, show_progress=False)
+    generate_synthetic_coco(tmp_path / "b", num_train=12, num_val=4, size=64, seed=5, show_progress=False)
+    generate_synthetic_coco(tmp_path / "c", num_train=12, num_val=4, size=64, seed=6, show_progress=False)
+    da, db, dc = (_digest(tmp_path / name) for name in "abc")
+    assert len(da) == 12 + 4 + 3  # images, two jsons, the stamp
+    assert da == db
+    assert da["annotations/train.json"] != dc["annotations/train.json"]
+    differing = [k for k in da if k.startswith("images/") and da[k] != dc[k]]
+    assert len(differing) == 16  # every image changes with the seed
+    # train and val are different streams: image 1 of each differs
+    assert da["images/train/000001.png"] != da["images/val/000001.png"]
+    assert a["train"] == {
+        "ann_file": str(tmp_path / "a/annotations/train.json"),
+        "img_dir": str(tmp_path / "a/images/train"),
+    }
+
+
+def test_image_depends_only_on_its_index_and_png_is_rgb(tmp_path: Path) -> None:
+    short = generate_split(tmp_path / "short", "train", 3, 64, seed=2, show_progress=False)
+    long = generate_split(tmp_path / "long", "train", 8, 64, seed=2, show_progress=False)
+    for i in range(1, 4):
+        name = f"images/train/{i:06d}.png"
+        assert (tmp_path / "short" / name).read_bytes() == (tmp_path / "long" / name).read_bytes()
+    assert json.loads(Path(short).read_text())["annotations"] == [
+        a for a in json.loads(Path(long).read_text())["annotations"] if a["image_id"] <= 3
+    ]
+    stored = cv2.cvtColor(cv2.imread(str(tmp_path / "long/images/train/000006.png")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(stored, render_sample(2, "train", 5, 64).image)
+
+
+def test_json_is_valid_coco_with_boxes_inside_the_image(tmp_path: Path) -> None:
+    size = 64
+    ann_file = generate_split(tmp_path, "val", 40, size, seed=0, show_progress=False)
+    coco = _load_coco(ann_file)
+    assert len(coco.getCatIds()) >= 6
+    assert coco.getCatIds() == list(range(1, len(CATEGORIES) + 1))
+    assert sorted(coco.getImgIds()) == list(range(1, 41))
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) > 40
+    assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        assert all(isinstance(v, float) for v in a["bbox"])
+        assert 0 <= x and 0 <= y and x + w <= size and y + h <= size
+        assert w >= 1 and h >= 1
+        assert 0 < a["area"] <= w * h
+        assert a["iscrowd"] == 0
+        assert a["category_id"] in coco.cats
+    for img in coco.loadImgs(coco.getImgIds()):
+        assert (img["width"], img["height"]) == (size, size)
+        assert (tmp_path / "images/val" / img["file_name"]).is_file()
+    # about 5 % of the images have no object; with this seed 40 images contain some
+    empty = [i for i in coco.getImgIds() if not coco.getAnnIds(imgIds=[i])]
+    assert len(empty) >= 1
+    assert split_stats(ann_file) == {"images": 40, "annotations": len(anns), "empty_images": len(empty)}
+    # several categories occur, each with visible pixels
+    assert len({a["category_id"] for a in anns}) >= 6
+
+
+def test_object_sizes_span_small_to_half_the_image() -> None:
+    size = 128
+    sides = np.concatenate([render_sample(0, "train", i, size).boxes_xywh[:, 2:].max(axis=1) for i in range(50)])
+    assert sides.min() < 16
+    assert sides.max() > size / 3
+    assert sides.max() <= size / 2 + 2  # the circumscribed diameter is at most half the side (+ anti-aliasing)
+
+
+def test_boxes_are_tight_boxes_of_the_visible_masks_and_objects_are_drawn() -> None:
+    size, checked, truncated = 96, 0, 0
+    for index in range(30):
+        s = render_sample(1, "train", index, size)
+        n = len(s.category_ids)
+        assert s.visible_masks.shape == (n, size, size)
+        if n:
+            assert s.visible_masks.sum(axis=0).max() == 1  # an occluded pixel belongs to the top object only
+        for k in range(n):
+            ys, xs = np.nonzero(s.visible_masks[k])
+            expected = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            np.testing.assert_array_equal(s.boxes_xywh[k], expected)
+            assert s.areas[k] == len(xs)
+            # the object is really drawn: nearly every visible pixel differs from the background
+            changed = np.any(s.image[s.visible_masks[k]] != s.background[s.visible_masks[k]], axis=1)
+            assert changed.mean() > 0.95
+            checked += 1
+            truncated += int(xs.min() == 0 or ys.min() == 0 or xs.max() == size - 1 or ys.max() == size - 1)
+        # outside the objects (plus a 2 px anti-aliasing fringe) the image is exactly the background
+        union = s.visible_masks.any(axis=0).astype(np.uint8)
+        fringe = cv2.dilate(union, np.ones((5, 5), np.uint8)).astype(bool)
+        np.testing.assert_array_equal(s.image[~fringe], s.background[~fringe])
+    assert checked > 50
+    assert truncated >= 3  # objects cut by the border occur
+
+
+def test_ensure_synthetic_skips_when_stamp_matches_and_regenerates_otherwise(tmp_path: Path) -> None:
+    out = tmp_path / "syn"
+    paths = ensure_synthetic(out, 6, 3, size=48, seed=0, show_progress=False)
+    files = [Path(paths["train"]["ann_file"]), Path(paths["val"]["ann_file"]), out / STAMP_FILE]
+    files.append(Path(paths["train"]["img_dir"]) / "000006.png")
+    mtimes = [os.stat(f).st_mtime_ns for f in files]
+    assert json.loads((out / STAMP_FILE).read_text())["num_train"] == 6
+
+    assert ensure_synthetic(out, 6, 3, size=48, seed=0, show_progress=False) == paths
+    assert [os.stat(f).st_mtime_ns for f in files] == mtimes
+
+    ensure_synthetic(out, 4, 3, size=48, seed=0, show_progress=False)  # other arguments: regenerated
+    assert split_stats(paths["train"]["ann_file"])["images"] == 4
+    assert not (Path(paths["train"]["img_dir"]) / "000006.png").exists()  # stale images removed
+    assert json.loads((out / STAMP_FILE).read_text())["num_train"] == 4
+
+    (out / STAMP_FILE).unlink()  # as after an interrupted generation
+    before = os.stat(paths["val"]["ann_file"]).st_mtime_ns
+    os.utime(paths["val"]["ann_file"], ns=(before - 10**9, before - 10**9))
+    ensure_synthetic(out, 4, 3, size=48, seed=0, show_progress=False)
+    assert os.stat(paths["val"]["ann_file"]).st_mtime_ns > before - 10**9
+    assert (out / STAMP_FILE).is_file()
+
+
+def test_too_small_images_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="size must be >= 16"):
+        generate_synthetic_coco(tmp_path, 2, 2, size=8, show_progress=False)
+
+
+def test_make_synthetic_tool(tmp_path: Path) -> None:
+    proc = run_tool(
+        "make_synthetic.py",
+        "--out",
+        str(tmp_path),
+        "--num-train",
+        "5",
+        "--num-val",
+        "2",
+        "--size",
+        "32",
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "train: 5 images" in proc.stdout and "val: 2 images" in proc.stdout
+    assert split_stats(tmp_path / "annotations/train.json")["images"] == 5
+    assert len(list((tmp_path / "images/val").glob("*.png"))) == 2
