@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detkd.losses.context import LevelContext
+from detkd.losses.feature import FGFILoss, GIDFeatureLoss
 from detkd.models.build import detector_family
 from detkd.models.taps import FeatureTap, feature_channels, feature_strides, split_per_level
 
@@ -148,6 +149,10 @@ class Distiller(nn.Module):
                 for lvl in used
             }
         )
+        for spec in self.feature_specs:  # learnable loss parts (e.g. FGD's GcBlocks) exist before the optimizer
+            if hasattr(spec.module, "setup_levels"):
+                spec.module.setup_levels({lvl: t_channels[lvl] for lvl in spec.levels})
+        self.needs_anchors = any(isinstance(s.module, (FGFILoss, GIDFeatureLoss)) for s in self.feature_specs)
         self.s_tap = FeatureTap(student)
         self.t_tap = FeatureTap(teacher)
         self._s_transform = _TransformRecorder(student)
@@ -228,6 +233,7 @@ class Distiller(nn.Module):
             teacher_detections=teacher_dets,
             levels=self.levels,
             strides=self.s_strides,
+            with_anchors=self.needs_anchors,
         )
         for spec in self.feature_specs:
             for lvl in spec.levels:
@@ -246,7 +252,8 @@ class DistillStep:
     """Everything one step recorded, with per-level contexts built lazily and cached (masks computed once)."""
 
     def __init__(self, t_backbone_out, image_list, targets, s_feats, t_feats, s_head, t_head, student, teacher,
-                 teacher_detections, levels, strides) -> None:  # fmt: skip
+                 teacher_detections, levels, strides, with_anchors=False) -> None:  # fmt: skip
+        self.with_anchors = with_anchors
         self.t_backbone_out = t_backbone_out  # the teacher backbone's own output dict (keys '0', '1', ... 'pool')
         self.image_list = image_list
         self.targets = targets
@@ -316,7 +323,7 @@ class DistillStep:
             boxes=self.gt_boxes,
             s_feat=s_feat,
             t_feat=t_feat,
-            anchors=None,
+            anchors=self.level_anchors(level) if self.with_anchors else None,
             t_cls_logits=self._t_cls[level] if self._t_cls is not None and level in self._t_cls else None,
             s_cls_logits=self._s_cls[level] if self._s_cls is not None and level in self._s_cls else None,
         )

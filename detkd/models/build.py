@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -71,8 +70,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 StateDict = Mapping[str, torch.Tensor]
 
 NORMS = ("bn", "frozen_bn")
-NON_BUILD_FIELDS = ("train_if_missing", "init")
-"""Config fields that belong to the recipe (teacher training, student initialisation), not to the detector."""
+NON_BUILD_FIELDS = ("train_if_missing", "train_opts", "init")
+"""Config fields that belong to the recipe (training a missing teacher, student initialisation), not to the detector."""
 
 DENSE_STRIDES = (8, 16, 32, 64, 128)  # RetinaNet / FCOS: P3-P7
 RCNN_STRIDES = (4, 8, 16, 32, 64)  # Faster R-CNN: P2-P5 + pool
@@ -276,6 +275,18 @@ def build_retinanet(
     )
 
 
+def _fcos_groups(channels: int) -> int:
+    """GroupNorm groups of the FCOS head: the most groups (at most torchvision's 32) leaving >= 2 channels each.
+
+    With one channel per group (``GroupNorm(32, 32)``) a 1x1 level (P7 at 128 px) would normalise a single value:
+    constant output in eval mode and an error for a batch of one.
+    """
+    valid = [g for g in range(1, 33) if channels % g == 0 and channels // g >= 2]
+    if not valid:
+        raise ValueError(f"fpn_channels must be at least 2 for fcos; got {channels}")
+    return max(valid)
+
+
 def build_fcos(
     backbone: str,
     num_classes: int,
@@ -291,8 +302,9 @@ def build_fcos(
 ) -> FCOS:
     """FCOS on P3-P7 (one point per location; regression ranges and sampling radius: see the module docstring).
 
-    The FCOS head normalises with ``GroupNorm(32)``; when ``fpn_channels`` is not a multiple of 32 the head is
-    rebuilt with ``GroupNorm(gcd(32, fpn_channels))``. Arguments as :func:`build_retinanet`.
+    The FCOS head normalises with torchvision's ``GroupNorm(32)`` when every group keeps at least 2 channels
+    (``fpn_channels`` a multiple of 64); otherwise with the most groups that do (e.g. 16 for 32 channels, 24 for 48).
+    Arguments as :func:`build_retinanet`.
 
     Returns:
         ``torchvision.models.detection.FCOS``.
@@ -303,11 +315,12 @@ def build_fcos(
     body = build_fpn_backbone(
         backbone, DENSE_STRIDES[:3], fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels), norm, backbone_state_dict
     )
-    if fpn_channels % 32 == 0:
+    groups = _fcos_groups(fpn_channels)
+    if groups == 32:
         head = FCOSHead(fpn_channels, 1, num_classes)
     else:  # FCOSHead hard-codes GroupNorm(32): build it narrow, then give it sub-heads of the right width
-        head = FCOSHead(32, 1, num_classes)
-        group_norm = partial(nn.GroupNorm, math.gcd(32, fpn_channels))
+        head = FCOSHead(64, 1, num_classes)
+        group_norm = partial(nn.GroupNorm, groups)
         head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, norm_layer=group_norm)
         head.regression_head = FCOSRegressionHead(fpn_channels, 1, norm_layer=group_norm)
     return FCOS(
