@@ -19,6 +19,8 @@ in the optimizer (the trainer optimises parameters that require grad), and absen
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -153,6 +155,7 @@ class Distiller(nn.Module):
             if hasattr(spec.module, "setup_levels"):
                 spec.module.setup_levels({lvl: t_channels[lvl] for lvl in spec.levels})
         self.needs_anchors = any(isinstance(s.module, (FGFILoss, GIDFeatureLoss)) for s in self.feature_specs)
+        self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
         self.s_tap = FeatureTap(student)
         self.t_tap = FeatureTap(teacher)
         self._s_transform = _TransformRecorder(student)
@@ -235,6 +238,7 @@ class Distiller(nn.Module):
             strides=self.s_strides,
             with_anchors=self.needs_anchors,
         )
+        start = time.perf_counter()  # masks + losses (forward), for benchmarks/speed.py
         for spec in self.feature_specs:
             for lvl in spec.levels:
                 ctx = step.level_context(lvl, self.adapters[lvl] if lvl in self.adapters else None)
@@ -245,6 +249,7 @@ class Distiller(nn.Module):
                 losses.update({f"distill/{spec.name}/{k}": spec.weight * v for k, v in out.items()})
             else:
                 losses[f"distill/{spec.name}"] = spec.weight * out
+        self.timings["losses"].append(time.perf_counter() - start)
         return losses
 
 
