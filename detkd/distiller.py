@@ -279,6 +279,14 @@ class DistillStep:
         self.head_positions = sum(s_feats[k].shape[-2] * s_feats[k].shape[-1] for k in self.head_levels)
         self._s_cls = split_per_level(s_head["cls_logits"], s_feats) if "cls_logits" in s_head else None
         self._t_cls = split_per_level(t_head["cls_logits"], t_feats) if "cls_logits" in t_head else None
+        self.logits_per_anchor = True
+        if self._s_cls is not None and self._t_cls is not None:
+            num_classes = s_head["cls_logits"].shape[-1]
+            if any(self._s_cls[k].shape != self._t_cls[k].shape for k in self._s_cls if k in self._t_cls):
+                # e.g. FCOS (1 anchor) vs RetinaNet (9): compare per class, max over each head's own anchors
+                self._s_cls = {k: _max_over_anchors(v, num_classes) for k, v in self._s_cls.items()}
+                self._t_cls = {k: _max_over_anchors(v, num_classes) for k, v in self._t_cls.items()}
+                self.logits_per_anchor = False
 
     def anchors(self) -> list[torch.Tensor]:
         """The student's anchors per image, ``(sum_l H_l*W_l*A, 4)`` xyxy on the padded canvas (computed once)."""
@@ -331,6 +339,7 @@ class DistillStep:
             anchors=self.level_anchors(level) if self.with_anchors else None,
             t_cls_logits=self._t_cls[level] if self._t_cls is not None and level in self._t_cls else None,
             s_cls_logits=self._s_cls[level] if self._s_cls is not None and level in self._s_cls else None,
+            logits_per_anchor=self.logits_per_anchor,
         )
         self._contexts[level] = ctx
         return ctx
@@ -418,3 +427,9 @@ def _unique(name: str, seen: dict[str, int]) -> str:
     count = seen.get(name, 0)
     seen[name] = count + 1
     return name if count == 0 else f"{name}_{count}"
+
+
+def _max_over_anchors(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, A*K, H, W) -> (N, K, H, W): the highest logit of each class over the anchors of a location."""
+    n, ak, h, w = logits.shape
+    return logits.reshape(n, ak // num_classes, num_classes, h, w).amax(dim=1)

@@ -21,6 +21,7 @@ from torchvision.ops import batched_nms, box_iou
 __all__ = ["PSEUDO_LABEL_MODES", "filter_detections", "merge_with_gt", "make_pseudo_targets"]
 
 PSEUDO_LABEL_MODES = ("merge", "replace", "separate")
+MIN_BOX_SIDE = 1.0  # px; the dataset drops GT boxes below this too
 
 
 def _score_thresholds(labels: Tensor, scores: Tensor, score_thr: float, class_score_thr: dict[int, float]) -> Tensor:
@@ -42,7 +43,8 @@ def filter_detections(
 ) -> list[dict[str, Tensor]]:
     """Keep the confident, non-duplicate teacher detections of each image.
 
-    Per image: keep detection ``i`` iff ``score_i >= thr(label_i)``, where ``thr`` is ``class_score_thr[label]``
+    Per image: keep detection ``i`` iff ``score_i >= thr(label_i)`` and its box is at least 1 px wide and high,
+    where ``thr`` is ``class_score_thr[label]``
     for the labels listed there and ``score_thr`` otherwise; then class-wise NMS
     (``torchvision.ops.batched_nms``: a box only suppresses lower-scoring boxes of its own label with
     IoU > ``nms_iou``; skipped when ``nms_iou`` is None); then the ``max_dets`` highest scores, sorted by
@@ -71,11 +73,10 @@ def filter_detections(
         boxes = det["boxes"].detach().reshape(-1, 4)
         scores = det["scores"].detach().reshape(-1)
         labels = det["labels"].detach().reshape(-1).long()
-        if class_score_thr:
-            thr = _score_thresholds(labels, scores, score_thr, class_score_thr)
-            keep = (scores >= thr).nonzero().squeeze(1)
-        else:
-            keep = (scores >= score_thr).nonzero().squeeze(1)
+        thr = _score_thresholds(labels, scores, score_thr, class_score_thr) if class_score_thr else score_thr
+        # a degenerate box (under 1 px wide or high) is no target: torchvision's detectors reject it outright
+        sides = boxes[:, 2:] - boxes[:, :2]
+        keep = ((scores >= thr) & (sides >= MIN_BOX_SIDE).all(dim=1)).nonzero().squeeze(1)
         if nms_iou is not None:
             order = batched_nms(boxes[keep].float(), scores[keep].float(), labels[keep], nms_iou)
         else:

@@ -176,3 +176,15 @@ def test_empty_detections_and_empty_gt(mode):
     assert out[0]["labels"].tolist() == expect_first and out[0]["boxes"].shape == (len(expect_first), 4)
     assert out[1]["boxes"].shape == (0, 4) and out[1]["labels"].dtype == torch.int64
     assert out[2]["labels"].tolist() == [1, 2, 3, 2]  # empty GT: every filtered pseudo box in every mode
+
+
+def test_degenerate_teacher_boxes_are_never_targets():
+    from detkd.pseudo_labels import filter_detections
+
+    det = {
+        "boxes": torch.tensor([[10.0, 10.0, 10.0, 20.0], [5.0, 5.0, 5.5, 30.0], [0.0, 0.0, 4.0, 4.0]]),
+        "scores": torch.tensor([0.9, 0.9, 0.9]),
+        "labels": torch.tensor([1, 2, 3]),
+    }
+    out = filter_detections([det], score_thr=0.5)[0]
+    assert out["labels"].tolist() == [3]  # zero-width and 0.5 px-wide boxes dropped

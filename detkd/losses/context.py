@@ -30,6 +30,8 @@ class LevelContext:
         anchors: Optional (H, W, A, 4) ``xyxy`` anchors of this level (anchor-based detectors).
         t_cls_logits: Optional teacher classification logits of this level, (N, A*K, H, W).
         s_cls_logits: Optional student classification logits of this level, (N, A*K, H, W).
+        logits_per_anchor: False when teacher and student have different anchors per location and the logits were
+            reduced to (N, K, H, W) by a max over anchors (the difference mask then uses window candidates).
     """
 
     name: str
@@ -41,6 +43,7 @@ class LevelContext:
     anchors: Optional[Tensor] = None
     t_cls_logits: Optional[Tensor] = None
     s_cls_logits: Optional[Tensor] = None
+    logits_per_anchor: bool = True  # False when the logits were reduced over anchors (teacher/student A differ)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -60,10 +63,12 @@ class LevelContext:
             return self.s_feat
         raise ValueError(f"which must be 't' or 's', got {which!r}")
 
+    def _boxes(self) -> list[Tensor]:
+        return [b.to(self.t_feat.device) for b in self.boxes]
+
     def box_masks(self) -> tuple[Tensor, Tensor]:
         """``(fg, bg)`` of :func:`detkd.masks.box_masks`, each (N, H, W)."""
-        boxes = [b.to(self.t_feat.device) for b in self.boxes]
-        return self._cached("box_masks", lambda: masks.box_masks(boxes, self.feat_hw, self.image_hw))
+        return self._cached("box_masks", lambda: masks.box_masks(self._boxes(), self.feat_hw, self.image_hw))
 
     def spatial_attention(self, which: Literal["t", "s"], temperature: float) -> Tensor:
         """Spatial attention (N, H, W) of the teacher (detached) or the student (with grad)."""
@@ -92,8 +97,7 @@ class LevelContext:
 
     def fgfi(self, psi: float = 0.5) -> Tensor:
         """FGFI imitation mask (N, H, W) in {0, 1} from :meth:`level_anchors` (per-level max IoU)."""
-        boxes = [b.to(self.t_feat.device) for b in self.boxes]
-        return self._cached(("fgfi", float(psi)), lambda: masks.fgfi_mask(self.level_anchors(), boxes, psi))
+        return self._cached(("fgfi", float(psi)), lambda: masks.fgfi_mask(self.level_anchors(), self._boxes(), psi))
 
     @property
     def has_cls_logits(self) -> bool:
@@ -115,7 +119,7 @@ class LevelContext:
                 self.t_cls_logits,
                 self.s_cls_logits,
                 self.image_hw,
-                anchors=self.anchors,
+                anchors=self.anchors if self.logits_per_anchor else None,
                 top_k=top_k,
                 nms_iou=nms_iou,
                 window=window,
