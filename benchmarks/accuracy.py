@@ -1,0 +1,202 @@
+"""Accuracy benchmark: how much of the teacher-student gap does each detkd method close, on data anyone can make?
+
+Protocol (see the README's "Benchmarks" section and DESIGN.md):
+
+- data: the synthetic set of ``configs/bench/_base_/data.yaml`` (generated on first use, deterministic);
+- teacher: ``configs/bench/teacher.yaml`` (RetinaNet R50-FPN256, a longer schedule), trained once and cached;
+- student: ``configs/bench/student.yaml`` (RetinaNet R18-FPN64 from scratch), every method with the same schedule and
+  the same initialisation (same seed -> same initial weights), several seeds;
+- the baseline student is also trained for the same wall-clock time as the best distilled run (a distillation
+  step costs more), so the table says whether distillation beats simply training the student longer;
+- AP is the val AP after the **last** epoch (no checkpoint picking on the reported split).
+
+Every finished run is stored in ``benchmarks/results/runs/<run>.json`` and skipped when the script runs again, so
+the benchmark can be completed over several invocations. ``--quick`` runs a short schedule with fewer runs
+(under 15 minutes on a 2-core CPU once its teacher is cached).
+
+    python benchmarks/accuracy.py            # full: results/accuracy.{json,md}
+    python benchmarks/accuracy.py --quick    # results/accuracy_quick.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_CFG = REPO / "configs" / "bench"
+RESULTS = REPO / "benchmarks" / "results"
+
+# (run name, recipe, seeds in full mode, seeds in quick mode or 0 to skip)
+RUNS: list[tuple[str, str, int, int]] = [
+    ("baseline", "student.yaml", 3, 1),
+    ("mse", "mse.yaml", 2, 0),
+    ("fgfi", "fgfi.yaml", 2, 0),
+    ("defeat", "defeat.yaml", 2, 0),
+    ("gid", "gid.yaml", 2, 0),
+    ("attention", "attention.yaml", 2, 0),
+    ("fgd", "fgd.yaml", 3, 1),
+    ("pkd", "pkd.yaml", 3, 1),
+    ("cwd", "cwd.yaml", 2, 0),
+    ("pseudo_label", "pseudo_label.yaml", 2, 0),
+    ("logit_kd", "logit_kd.yaml", 2, 0),
+    ("best_combination", "combo.yaml", 3, 1),
+    ("hetero_fcos_to_retinanet", "hetero_fcos.yaml", 2, 0),
+]
+HETERO_TEACHER = "teacher_fcos.yaml"
+QUICK_OPTS = ["train.epochs=2"]
+
+
+def run_tool(script: str, recipe: Path, work_dir: Path, opts: list[str], log: Path) -> float:
+    """Run a detkd tool in a fresh process (as a user would); returns its wall time. Output goes to ``log``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "tools" / script), "--cfg", str(recipe), "--work-dir", str(work_dir),
+           "--no-progress", "--opts", *opts]  # fmt: skip
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} {recipe.name} failed (exit {proc.returncode}); see {log}")
+    return time.time() - start
+
+
+def final_metrics(work_dir: Path) -> dict[str, Any]:
+    """The val metrics after the last epoch (from the run's metrics.jsonl)."""
+    records = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r["type"] == "val"]
+    trains = [r for r in records if r["type"] == "train"]
+    if not vals:
+        raise RuntimeError(f"{work_dir}: no val record in metrics.jsonl")
+    return {**vals[-1], "train_time_s": trains[-1]["time"] - trains[0]["time"] if len(trains) > 1 else 0.0}
+
+
+def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
+    """Train (once) and cache a teacher; returns its record (AP, wall time, checkpoint path)."""
+    record_path = RESULTS / "runs" / f"{tag}.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    work = REPO / "work_dirs" / "bench" / tag
+    print(f"[bench] training teacher {recipe} -> {work}", flush=True)
+    wall = run_tool("train.py", BENCH_CFG / recipe, work, opts + ["eval.interval=0"], work / "stdout.log")
+    metrics = final_metrics(work)
+    record = {"run": tag, "recipe": recipe, "wall_s": wall, "checkpoint": str(work / "last_weights.pth"), **metrics}
+    _export_last_weights(work)
+    _write_json(record_path, record)
+    return record
+
+
+def _export_last_weights(work: Path) -> None:
+    """The teacher the students learn from is the model after the last epoch (not picked on val)."""
+    import torch
+
+    ckpt = torch.load(work / "last.pth", map_location="cpu", weights_only=True)
+    torch.save({"model": ckpt["model"]}, work / "last_weights.pth")
+
+
+def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list[str], tag: str) -> dict[str, Any]:
+    record_path = RESULTS / "runs" / f"{tag}_{name}_s{seed}.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    work = REPO / "work_dirs" / "bench" / f"{tag}_{name}_s{seed}"
+    path = BENCH_CFG / recipe
+    is_distill = "teacher" in path.read_text()
+    run_opts = [f"train.seed={seed}", "eval.interval=0", *opts]
+    if is_distill:
+        run_opts.append(f"teacher.checkpoint={teacher_ckpt}")
+    print(f"[bench] {name} seed {seed}", flush=True)
+    wall = run_tool("train_distill.py" if is_distill else "train.py", path, work, run_opts, work / "stdout.log")
+    record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, **final_metrics(work)}
+    _write_json(record_path, record)
+    return record
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def aggregate(records: list[dict[str, Any]], teacher_ap: float, baseline_ap: Optional[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in records]}
+    for key in ("AP", "AP50", "APs"):
+        values = [r[key] for r in records]
+        out[key] = statistics.mean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["train_time_s"] = statistics.mean(r["train_time_s"] for r in records)
+    if baseline_ap is not None and teacher_ap > baseline_ap:
+        out["gap_closed"] = (out["AP"] - baseline_ap) / (teacher_ap - baseline_ap)
+    return out
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    t = results["teacher"]
+    lines = [
+        f"Command: `{meta['command']}` on {meta['machine']}; {meta['total_wall_h']:.2f} h of runs in total. "
+        f"Student init: {meta['student_init']}. AP after the last epoch on the val split, mean ± std over seeds.",
+        "",
+        f"Teacher {t['recipe']}: AP {100 * t['AP']:.1f} (trained once, {t['wall_s'] / 60:.0f} min).",
+        "",
+        "| run | seeds | AP | AP50 | APs | gap closed | train time / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["runs"].items():
+        gap = f"{100 * r['gap_closed']:.0f} %" if "gap_closed" in r else "—"
+        lines.append(
+            f"| {name} | {len(r['seeds'])} | {100 * r['AP']:.1f} ± {100 * r['AP_std']:.1f} | "
+            f"{100 * r['AP50']:.1f} ± {100 * r['AP50_std']:.1f} | {100 * r['APs']:.1f} ± {100 * r['APs_std']:.1f} | "
+            f"{gap} | {r['train_time_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short schedule, fewer runs (< 15 min, teacher cached)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these run names")
+    args = parser.parse_args()
+    tag = "quick" if args.quick else "full"
+    opts = QUICK_OPTS if args.quick else []
+    start = time.time()
+    teacher = ensure_teacher("teacher.yaml", f"{tag}_teacher", opts)
+    records: dict[str, list[dict[str, Any]]] = {}
+    for name, recipe, full_seeds, quick_seeds in RUNS:
+        seeds = quick_seeds if args.quick else full_seeds
+        if seeds == 0 or (args.only and name not in args.only):
+            continue
+        t_ckpt = teacher["checkpoint"]
+        if name.startswith("hetero"):
+            t_ckpt = ensure_teacher(HETERO_TEACHER, f"{tag}_teacher_fcos", opts)["checkpoint"]
+        records[name] = [run_student(name, recipe, s, t_ckpt, opts, tag) for s in range(seeds)]
+    base = aggregate(records["baseline"], teacher["AP"], None)["AP"] if "baseline" in records else None
+    runs = {name: aggregate(rs, teacher["AP"], base if name != "baseline" else None) for name, rs in records.items()}
+    results = {
+        "meta": {
+            "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else ""),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+            "student_init": "scratch (same seed -> same initial weights for every method)",
+            "total_wall_h": (sum(r["wall_s"] for rs in records.values() for r in rs) + teacher["wall_s"]) / 3600,
+            "this_invocation_s": time.time() - start,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "teacher": teacher,
+        "runs": runs,
+    }
+    name = "accuracy_quick" if args.quick else "accuracy"
+    _write_json(RESULTS / f"{name}.json", results)
+    (RESULTS / f"{name}.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
