@@ -333,6 +333,7 @@ def load_config(path: Union[str, os.PathLike], opts: Optional[list[str]] = None)
     ctx = _Context(origins, str(path.resolve()))
     cfg = _convert(Config, data, "", ctx)
     _check_detectors(cfg, ctx)
+    _check_val_transforms(cfg, ctx)
     return cfg
 
 
@@ -556,6 +557,17 @@ def _check_detectors(cfg: Config, ctx: _Context) -> None:
         if model.backbone not in BACKBONES:
             valid = ", ".join(sorted(BACKBONES))
             raise ctx.error(f"{key}.backbone", f"unknown backbone '{model.backbone}'; valid: {valid}.")
+
+
+def _check_val_transforms(cfg: Config, ctx: _Context) -> None:
+    """Evaluation maps predictions back to file pixels, which needs a val pipeline of fixed geometry."""
+    from detkd.data.transforms import scale_of
+
+    steps = [(step.type, dict(step.params)) for step in cfg.data.transforms.val]
+    try:
+        scale_of(steps, (100, 100))
+    except ValueError as err:
+        raise ctx.error("data.transforms.val", f"{err} Evaluation needs fixed geometry (resize, letterbox).") from None
 
 
 def _join(prefix: str, key: str) -> str:

@@ -76,7 +76,8 @@ def filter_detections(
         thr = _score_thresholds(labels, scores, score_thr, class_score_thr) if class_score_thr else score_thr
         # a degenerate box (under 1 px wide or high) is no target: torchvision's detectors reject it outright
         sides = boxes[:, 2:] - boxes[:, :2]
-        keep = ((scores >= thr) & (sides >= MIN_BOX_SIDE).all(dim=1)).nonzero().squeeze(1)
+        # label 0 is the background column of sigmoid heads, never an object
+        keep = ((scores >= thr) & (sides >= MIN_BOX_SIDE).all(dim=1) & (labels > 0)).nonzero().squeeze(1)
         if nms_iou is not None:
             order = batched_nms(boxes[keep].float(), scores[keep].float(), labels[keep], nms_iou)
         else:

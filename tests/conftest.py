@@ -13,7 +13,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread per test process: tests often run beside a benchmark or a second pytest, and oversubscribed
+# OpenMP pools slow everything down many times over
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -171,3 +171,10 @@ def test_unknown_detector_and_backbone_list_valid_choices(recipe):
         load_config(recipe, ["model.arch=retinet"])
     with pytest.raises(ConfigError, match=r"'model\.backbone': unknown backbone 'resnet19'; valid: .*resnet18"):
         load_config(recipe, ["model.backbone=resnet19"])
+
+
+def test_val_pipeline_must_have_fixed_geometry(recipe):
+    cfg = load_config(recipe, ["data.transforms.val=[{type: letterbox, size: 64}, {type: color_jitter}]"])
+    assert cfg.data.transforms.val[0].params == {"size": 64}
+    with pytest.raises(ConfigError, match=r"key 'data\.transforms\.val': .*hflip.*fixed geometry"):
+        load_config(recipe, ["data.transforms.val=[{type: hflip}]"])

@@ -208,8 +208,8 @@ def test_detections_to_coco_results_maps_labels_and_scale():
 
 
 def test_detections_to_coco_results_rejects_unknown_label():
-    det = [{"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "scores": torch.tensor([1.0]), "labels": torch.tensor([0])}]
-    with pytest.raises(ValueError, match="label 0"):
+    det = [{"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "scores": torch.tensor([1.0]), "labels": torch.tensor([99])}]
+    with pytest.raises(ValueError, match="label 99"):
         detections_to_coco_results(det, [{"image_id": 1, "scale_xy": torch.tensor([1.0, 1.0])}], LABEL_TO_CAT_ID)
 
 
@@ -335,3 +335,11 @@ def test_save_metrics_is_atomic_json(tmp_path):
     save_metrics({**metrics, "AP": 0.6}, str(path))  # overwrite in place
     assert json.loads(path.read_text()) == {**metrics, "AP": 0.6}
     assert os.listdir(path.parent) == ["metrics.json"]  # no temporary file left behind
+
+
+def test_background_label_detections_are_not_results():
+    det = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]]),
+            "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])}]  # fmt: skip
+    target = [{"image_id": torch.tensor(3), "scale_xy": torch.tensor([1.0, 1.0])}]
+    results = detections_to_coco_results(det, target, {1: 7})
+    assert [(r["category_id"], r["score"]) for r in results] == [(7, pytest.approx(0.8))]

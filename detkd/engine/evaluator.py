@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 #: Names of the first nine numbers of ``COCOeval.stats`` (bbox), in pycocotools' order.
+BACKGROUND_LABEL = 0  # the background column of sigmoid heads; never a category
 SUMMARY_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
 
@@ -95,6 +96,10 @@ def detections_to_coco_results(
             boxes = boxes / boxes.new_tensor([sx, sy, sx, sy])
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         for bbox, score, label in zip(xywh, scores, labels):
+            if int(label) == BACKGROUND_LABEL:
+                # sigmoid heads (RetinaNet, FCOS) have a class-0 column that is never a positive in training
+                # (torchvision's convention); a detection of it is not an object of any category
+                continue
             cat_id = label_to_cat_id.get(int(label))
             if cat_id is None:
                 raise ValueError(
