@@ -86,7 +86,7 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
         return json.loads(record_path.read_text())
     work = REPO / "work_dirs" / "bench" / tag
     print(f"[bench] training teacher {recipe} -> {work}", flush=True)
-    wall = run_tool("train.py", BENCH_CFG / recipe, work, opts + ["eval.interval=0"], work / "stdout.log")
+    wall = run_tool("train.py", BENCH_CFG / recipe, work, opts, work / "stdout.log")  # the recipe's eval interval
     metrics = final_metrics(work)
     record = {"run": tag, "recipe": recipe, "wall_s": wall, "checkpoint": str(work / "last_weights.pth"), **metrics}
     _export_last_weights(work)

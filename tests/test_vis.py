@@ -292,13 +292,13 @@ def test_visualize_masks_tool(tiny_data, tmp_path, teacher_ckpt, capsys):
         distill={"features": [{"type": "defeat"}], "teacher_check": {"enabled": False}},
     )
     out = tmp_path / "tool_out"
-    proc = run_tool(
-        "visualize_masks.py", "--cfg", str(cfg_path), "--num-images", "1", "--levels", "p4", "--out", str(out)
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert str(out / "img000_p4.png") in proc.stdout and (out / "index.html").is_file()
-    missing = run_tool("visualize_masks.py", "--cfg", str(cfg_path), "--opts", "teacher.checkpoint=/nope/best.pth")
-    assert missing.returncode == 2 and "teacher checkpoint /nope/best.pth does not exist" in missing.stderr
+    args = ("--cfg", str(cfg_path), "--num-images", "1", "--levels", "p4", "--out", str(out))
+    code, stdout, stderr = run_tool_here("visualize_masks.py", *args, capsys=capsys)
+    assert code == 0, stderr
+    assert str(out / "img000_p4.png") in stdout and (out / "index.html").is_file()
+    args = ("--cfg", str(cfg_path), "--opts", "teacher.checkpoint=/nope/best.pth")
+    code, _, stderr = run_tool_here("visualize_masks.py", *args, capsys=capsys)
+    assert code == 2 and "teacher checkpoint /nope/best.pth does not exist" in stderr
 
 
 def write_run(folder: Path, distilled: bool, resumed: bool = False) -> None:
