@@ -209,6 +209,14 @@ class LogCfg:
 
 
 @dataclass(frozen=True)
+class ReportCfg:
+    """What ``train_distill.py`` shows at the end: the teacher/student table, and mask pictures of the first
+    ``mask_images`` val images (0 = none), written to ``<work_dir>/mask_vis``."""
+
+    mask_images: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataCfg
     model: Optional[ModelCfg] = None
@@ -219,6 +227,7 @@ class Config:
     eval: EvalCfg = EvalCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
     log: LogCfg = LogCfg()
+    report: ReportCfg = ReportCfg()
     work_dir: Optional[str] = None
     name: str = ""  # the recipe's file stem unless set
 

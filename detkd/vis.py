@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 from torch import Tensor, nn
 
 from detkd.mask_panels import LevelMasks, MaskSnapshot, collect_masks
@@ -75,22 +76,30 @@ def _draw_boxes(ax: Any, boxes: Optional[Tensor], color: str, lw: float, ls: str
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=lw, linestyle=ls))
 
 
-def _mask_panel(fig: Figure, ax: Any, image: np.ndarray, mask: np.ndarray, title: str, boxes: Optional[Tensor]) -> None:
-    """The grey image, the mask on its feature grid stretched over it (one block per cell), a colour bar."""
+def _mask_panel(
+    fig: Figure,
+    ax: Any,
+    image: np.ndarray,
+    mask: np.ndarray,
+    title: str,
+    gt: Optional[Tensor],
+    pseudo: Optional[Tensor],
+) -> None:
+    """The grey image, the mask on its feature grid stretched over it (one block per cell), the boxes dashed (GT
+    white, pseudo labels orange), a colour bar."""
     h, w = image.shape[:2]
     grey = image @ np.array([0.299, 0.587, 0.114])
-    ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0)
+    ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, w, h, 0))
     im = ax.imshow(mask, cmap="viridis", alpha=MASK_ALPHA, extent=(0, w, h, 0), interpolation="nearest")
-    _draw_boxes(ax, boxes, "white", 0.7, "--")
+    _draw_boxes(ax, gt, "white", 0.7, "--")
+    _draw_boxes(ax, pseudo, PSEUDO_COLOR, 0.7, "--")
     ax.set_title(title, fontsize=8.5)
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
-    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, format=FuncFormatter(lambda v, _: f"{v:.3g}"))
     bar.ax.tick_params(labelsize=7)
-    bar.formatter.set_powerlimits((-2, 3))
-    bar.update_ticks()
 
 
 def plot_level_figure(
@@ -106,7 +115,7 @@ def plot_level_figure(
     """Write one PNG for one image and one level: labelled panels of every mask, and channel attention bars.
 
     Panels: the image with its GT boxes (green) and the teacher's pseudo labels (orange) with a legend; then, each
-    drawn over the grey image on its feature grid with a colour bar and the GT boxes dashed: foreground, background,
+    drawn over the grey image on its feature grid with a colour bar and the boxes dashed: foreground, background,
     teacher and student spatial attention, the difference mask, and "final per-pixel weight (<loss>)" for each
     configured loss (:func:`detkd.mask_panels.loss_weight_map`); last, the teacher's and the student's channel
     attention as bars.
@@ -133,7 +142,7 @@ def plot_level_figure(
     grid = GridSpec(rows + 1, cols, figure=fig, height_ratios=[1.0] * rows + [0.62], hspace=0.35, wspace=0.35)
 
     ax = fig.add_subplot(grid[0, 0])
-    ax.imshow(img)
+    ax.imshow(img, extent=(0, img.shape[1], img.shape[0], 0))
     _draw_boxes(ax, gt_boxes, GT_COLOR, 1.4)
     _draw_boxes(ax, pseudo_boxes, PSEUDO_COLOR, 1.2, "--")
     n_gt = 0 if gt_boxes is None else int(gt_boxes.reshape(-1, 4).shape[0])
@@ -147,7 +156,7 @@ def plot_level_figure(
     ax.set_yticks([])
 
     for k, (title, mask) in enumerate(panels, start=1):
-        _mask_panel(fig, fig.add_subplot(grid[k // cols, k % cols]), img, mask, title, gt_boxes)
+        _mask_panel(fig, fig.add_subplot(grid[k // cols, k % cols]), img, mask, title, gt_boxes, pseudo_boxes)
 
     _channel_bars(fig.add_subplot(grid[rows, :]), level_masks, index)
     h, w = level_masks.feat_hw
@@ -171,6 +180,12 @@ def _channel_bars(ax: Any, level: LevelMasks, index: int) -> None:
         ax.bar(np.arange(t.shape[0]), t, width=0.8, color="#3b528b", label=f"teacher ({t.shape[0]} channels)")
         ax.bar(np.arange(s.shape[0]), s, width=0.4, color="#f28e2b", label=f"student ({s.shape[0]} channels)")
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    positive = np.concatenate([t, s])
+    positive = positive[positive > 0]
+    floor = max(float(positive.min()), 1e-4) if positive.size else 1.0
+    if positive.size and positive.max() / floor > 100:  # a peaked attention: keep the small bars visible
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor / 2)
     ax.set_xlim(-1, max(t.shape[0], s.shape[0]))
     ax.set_xlabel("channel", fontsize=8)
     ax.set_ylabel("A_c", fontsize=8)
@@ -337,12 +352,12 @@ def _draw_snapshot(
         for level, lm in snapshot.levels.items():
             path = out / f"img{idx:03d}_{level}.png"
             losses = ", ".join(lm.weights) or "none"
-            caption = f"{heading}, level {level} (stride {lm.stride}), student {state}; feature losses: {losses}"
+            caption = f"{heading} — student {state} — feature losses here: {losses}"
             pseudo = snapshot.pseudo_boxes[row] if snapshot.pseudo_boxes is not None else None
             plot_level_figure(
                 snapshot.images[row], snapshot.gt_boxes[row], pseudo, lm, path, index=row, caption=caption
             )
-            entries.append({"path": path, "image": heading, "level": level, "caption": caption})
+            entries.append({"path": path, "image": heading, "level": level, "caption": f"level {level}: {caption}"})
             paths.append(path)
     return paths
 

@@ -33,8 +33,10 @@ NUM_CLASSES = 9  # the synthetic set's 8 categories + background
 def no_onednn():
     """oneDNN compiles a kernel for every new conv shape (seconds each on a busy CPU); these tiny models run faster
     on the native kernels. Restored after this module."""
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,30 @@ python tools/train_distill.py --cfg configs/quickstart.yaml [--work-dir DIR] [--
 torchrun --nproc_per_node=2 tools/train_distill.py --cfg ...
 """
 
+import time
+
 from detkd.cli import load_or_exit, run_main, train_parser
-from detkd.engine.runner import train_distill
+from detkd.engine.runner import format_final_table, resolve_work_dir, train_distill
 from detkd.engine.trainer import is_main_process
 
 
 def main() -> None:
     args = train_parser(__doc__.splitlines()[0]).parse_args()
     cfg = load_or_exit(args.cfg, args.opts)
+    start = time.time()
     summary = train_distill(cfg, work_dir=args.work_dir, resume=args.resume, show_progress=not args.no_progress)
-    if is_main_process():
-        print(
-            f"done: teacher AP {summary['teacher_ap']:.4f} | student best AP {summary['best_ap']:.4f} "
-            f"(epoch {summary['best_epoch']}) | {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s"
-            f" | exported student: {summary['best_checkpoint']}"
-        )
+    if not is_main_process():
+        return
+    print()
+    print(format_final_table(summary))
+    print(f"exported student: {summary['best_checkpoint']} (a plain torchvision state_dict, best val AP)")
+    if cfg.report.mask_images > 0:
+        from detkd.vis import visualize_recipe  # matplotlib only here, after training
+
+        out = resolve_work_dir(cfg, args.work_dir) / "mask_vis"
+        paths = visualize_recipe(cfg, summary["best_checkpoint"], cfg.report.mask_images, "val", str(out))
+        print(f"mask pictures: {len(paths)} PNGs, open {out / 'index.html'}")
+    print(f"total wall time {(time.time() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def train_distill(
     if is_main_process():
         ensure_data(cfg.data, show_progress)
     barrier()
-    ensure_teacher(cfg, show_progress)
+    teacher_run = ensure_teacher(cfg, show_progress)
     seed_everything(cfg.train.seed)  # the student's initialisation must not depend on whether a teacher was trained
     train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
@@ -265,7 +265,10 @@ def train_distill(
         trainer.resume()
     start = time.time()
     state = trainer.fit(stop_after_epochs=stop_after_epochs)
+    best = next((r for r in state.history if r.get("epoch") == state.best_epoch), {})
     return {
+        "teacher_train_s": teacher_run["wall_time_s"] if teacher_run else None,
+        "student_metrics": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("val/")},
         "teacher_ap": teacher_metrics.get("AP", float("nan")),
         "teacher_metrics": teacher_metrics,
         "best_ap": state.best_ap,
@@ -277,3 +280,17 @@ def train_distill(
         "history": state.history,
         "distiller": distiller,
     }
+
+
+def format_final_table(summary: dict[str, Any]) -> str:
+    """The table ``train_distill.py`` ends with: teacher vs distilled student, AP and wall time."""
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    rows = [("teacher", summary["teacher_metrics"], summary.get("teacher_train_s")),
+            ("student (distilled)", summary["student_metrics"], summary["wall_time_s"])]  # fmt: skip
+    header = f"{'model':<22}" + "".join(f"{k:>7}" for k in keys) + f"{'train time':>12}"
+    lines = [header, "-" * len(header)]
+    for name, metrics, wall in rows:
+        values = "".join(f"{100 * metrics[k]:>7.1f}" if metrics.get(k, -1) >= 0 else f"{'-':>7}" for k in keys)
+        time_str = "(given)" if wall is None else f"{wall / 60:.1f} min"
+        lines.append(f"{name:<22}{values}{time_str:>12}")
+    return "\n".join(lines)
