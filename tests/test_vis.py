@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -338,3 +339,12 @@ def test_plot_logs_draws_every_term_for_both_runs(tmp_path):
     assert path.stat().st_size > 20_000
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_logs([tmp_path / "nothing"], tmp_path / "x.png")
+
+
+def test_training_side_never_imports_matplotlib():
+    code = (
+        "import sys, detkd.mask_panels, detkd.distiller, detkd.engine.runner, detkd.engine.trainer; "
+        "assert 'matplotlib' not in sys.modules and 'detkd.vis' not in sys.modules, 'matplotlib imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr

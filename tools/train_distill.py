@@ -26,7 +26,8 @@ def main() -> None:
 
         out = resolve_work_dir(cfg, args.work_dir) / "mask_vis"
         paths = visualize_recipe(cfg, summary["best_checkpoint"], cfg.report.mask_images, "val", str(out))
-        print(f"mask pictures: {len(paths)} PNGs, open {out / 'index.html'}")
+        pngs = [p for p in paths if str(p).endswith(".png")]
+        print(f"mask pictures: {len(pngs)} PNGs, open {out / 'index.html'}")
     print(f"total wall time {(time.time() - start) / 60:.1f} min")
 
 

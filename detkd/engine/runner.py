@@ -250,6 +250,11 @@ def train_distill(
         loader = make_train_loader(
             train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection
         )
+    callbacks = []
+    if cfg.log.mask_images_every and is_main_process():
+        from detkd.mask_panels import MaskImageCallback  # pure torch (no matplotlib)
+
+        callbacks.append(MaskImageCallback.from_dataset(distiller, val_set, every=cfg.log.mask_images_every))
     trainer = Trainer(
         cfg,
         distiller,
@@ -259,6 +264,7 @@ def train_distill(
         evaluate_fn=make_evaluate_fn(cfg, distiller.student, val_set, device, out, show),
         export_fn=distiller.export_student,
         best_name="student_best.pth",
+        iter_callbacks=callbacks,
         show_progress=show_progress,
     )
     if resume:
