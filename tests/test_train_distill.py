@@ -191,3 +191,16 @@ def test_teacher_is_trained_when_missing(tiny_data, tmp_path):
     mtime = ckpt.stat().st_mtime
     train_distill(load_config(recipe), show_progress=False)  # present now: not trained again
     assert ckpt.stat().st_mtime == mtime
+
+
+def test_mask_images_reach_tensorboard(tiny_data, tmp_path, teachers):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = distill_recipe(tiny_data, tmp_path, teachers, "retinanet", "retinanet", features=[{"type": "fgd"}])
+    run(recipe, "log.tensorboard=true", "log.mask_images_every=1")
+    events = EventAccumulator(str(tmp_path / "work_d" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert any(tag.startswith("masks/") for tag in tags), tags
+    assert len(events.Images(tags[0])) == 2  # one picture per iteration, every=1, two iterations
+    assert "train/distill/fgd/p3" in events.Tags()["scalars"]
