@@ -178,3 +178,11 @@ def test_val_pipeline_must_have_fixed_geometry(recipe):
     assert cfg.data.transforms.val[0].params == {"size": 64}
     with pytest.raises(ConfigError, match=r"key 'data\.transforms\.val': .*hflip.*fixed geometry"):
         load_config(recipe, ["data.transforms.val=[{type: hflip}]"])
+
+
+def test_readme_example_recipe_is_valid(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("# configs/my_distill.yaml\n", 1)[1].split("```", 1)[0]
+    cfg = load_config(write(tmp_path / "my_distill.yaml", yaml.safe_load(block)))
+    assert cfg.teacher.arch == "faster_rcnn" and cfg.student.arch == "retinanet"
+    assert [f.type for f in cfg.distill.features] == ["fgd"] and cfg.distill.head[0].params["mode"] == "merge"
