@@ -20,7 +20,7 @@ in the optimizer (the trainer optimises parameters that require grad), and absen
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -189,6 +189,43 @@ class Distiller(nn.Module):
 
     # -- one step -----------------------------------------------------------------------------------------------
 
+    def make_step(
+        self,
+        image_list: Any,
+        targets: list[dict[str, torch.Tensor]],
+        s_feats: dict[str, torch.Tensor],
+        s_head: dict[str, torch.Tensor],
+        teacher_detections: Optional[list[dict[str, torch.Tensor]]] = None,
+        teacher_head: Optional[bool] = None,
+    ) -> DistillStep:
+        """Run the teacher's backbone+FPN (and dense head when a loss needs it, or ``teacher_head``) on the
+        student's padded batch under ``no_grad``, and bundle the step's records (also used by the mask pictures)."""
+        with torch.no_grad():
+            self.t_tap.clear()
+            t_out = self.teacher.backbone(image_list.tensors)
+            if torch.is_tensor(t_out):  # a backbone without FPN returns one map
+                t_out = OrderedDict([("0", t_out)])
+            t_feats = dict(self.t_tap.features)
+            want_head = self.needs_teacher_head if teacher_head is None else teacher_head
+            t_head = {}
+            if want_head and self.teacher_family in DENSE_FAMILIES:
+                t_head = self.teacher.head(list(t_out.values()))
+        return DistillStep(
+            t_backbone_out=t_out,
+            image_list=image_list,
+            targets=targets,
+            s_feats=s_feats,
+            t_feats=t_feats,
+            s_head=s_head,
+            t_head=t_head,
+            student=self.student,
+            teacher=self.teacher,
+            teacher_detections=teacher_detections,
+            levels=self.levels,
+            strides=self.s_strides,
+            with_anchors=self.needs_anchors,
+        )
+
     def forward(self, images: list[torch.Tensor], targets: Optional[list[dict[str, torch.Tensor]]] = None):
         if not self.training:
             return self.student(images)
@@ -215,29 +252,7 @@ class Distiller(nn.Module):
         if not self.feature_specs and not self.head_specs:
             return losses
 
-        with torch.no_grad():
-            self.t_tap.clear()
-            t_feat_list = self.teacher.backbone(image_list.tensors)
-            t_feats = dict(self.t_tap.features)
-            t_head = {}
-            if self.needs_teacher_head and self.teacher_family in DENSE_FAMILIES:
-                t_head = self.teacher.head(list(t_feat_list.values()))
-
-        step = DistillStep(
-            t_backbone_out=t_feat_list,
-            image_list=image_list,
-            targets=s_targets,
-            s_feats=s_feats,
-            t_feats=t_feats,
-            s_head=s_head,
-            t_head=t_head,
-            student=self.student,
-            teacher=self.teacher,
-            teacher_detections=teacher_dets,
-            levels=self.levels,
-            strides=self.s_strides,
-            with_anchors=self.needs_anchors,
-        )
+        step = self.make_step(image_list, s_targets, s_feats, s_head, teacher_dets)
         start = time.perf_counter()  # masks + losses (forward), for benchmarks/speed.py
         for spec in self.feature_specs:
             for lvl in spec.levels:

@@ -25,7 +25,7 @@ Nothing here imports matplotlib: :mod:`detkd.vis` draws the figures from the sam
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import resize_boxes
 
-from detkd.distiller import DENSE_FAMILIES, DistillStep
+from detkd.distiller import DistillStep
 from detkd.engine.checkpoint import unwrap
 from detkd.losses.context import LevelContext
 from detkd.losses.feature import (
@@ -317,27 +317,9 @@ def collect_masks(
             image_list, s_targets = transform_calls[0]
             s_feats = dict(d.s_tap.features)
             s_head = dict(d.s_tap.head_outputs)
-            t_out = d.teacher.backbone(image_list.tensors)
-            if isinstance(t_out, Tensor):
-                t_out = OrderedDict([("0", t_out)])
-            t_feats = dict(d.t_tap.features)
-            t_head = d.teacher.head(list(t_out.values())) if d.teacher_family in DENSE_FAMILIES else {}
             dets = teacher_calls[0] if teacher_calls else None
-            step = DistillStep(
-                t_backbone_out=t_out,
-                image_list=image_list,
-                targets=s_targets,
-                s_feats=s_feats,
-                t_feats=t_feats,
-                s_head=s_head,
-                t_head=t_head,
-                student=d.student,
-                teacher=d.teacher,
-                teacher_detections=dets,
-                levels=d.levels,
-                strides=d.s_strides,
-                with_anchors=d.needs_anchors,
-            )
+            # the same teacher pass as the training step; the dense head always, for the difference panel
+            step = d.make_step(image_list, s_targets, s_feats, s_head, dets, teacher_head=True)
             level_masks = {lvl: _level_masks(d, step, lvl, lvl in distilled) for lvl in shown}
     finally:
         for handle in handles:
