@@ -207,9 +207,8 @@ def main() -> None:
         name = f"baseline_same_wall_time_as_{best}"
         records[name] = [run_student(name, "student.yaml", s, "", wall_opts, tag) for s in range(seeds)]
     base = aggregate(records["baseline"], teacher["AP"], None)["AP"] if "baseline" in records else None
-    hetero_base = (
-        aggregate(records["hetero_baseline_fcos"], teacher["AP"], None)["AP"] if "hetero_baseline_fcos" in records else None
-    )
+    hetero = records.get("hetero_baseline_fcos")
+    hetero_base = aggregate(hetero, teacher["AP"], None)["AP"] if hetero else None
 
     def reference(name: str) -> Optional[float]:
         if name.startswith("baseline") or name == "hetero_baseline_fcos":
