@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # one thread per test process: tests often run beside a benchmark or a second pytest, and oversubscribed
 # OpenMP pools slow everything down many times over
 torch.set_num_threads(1)
+# oneDNN (mkldnn) pays seconds of set-up for every new convolution shape; tests build many tiny models of many
+# shapes and run them for a step or two, where the plain CPU kernels are far faster overall
+torch.backends.mkldnn.enabled = False
 
 
 @pytest.fixture(scope="session")
