@@ -148,7 +148,11 @@ def test_cli_reports_teacher_and_student_ap_and_exports_plain_student(tiny_data,
     recipe = distill_recipe(tiny_data, tmp_path, teachers, "retinanet", "retinanet", features=[{"type": "pkd"}])
     proc = run_tool("train_distill.py", "--cfg", str(recipe), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "teacher AP" in proc.stdout and "student best AP" in proc.stdout
+    table = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("model"))
+    assert table[header].split()[:3] == ["model", "AP", "AP50"]
+    assert table[header + 2].startswith("teacher ") and table[header + 3].startswith("student (distilled)")
+    assert "exported student:" in proc.stdout
     exported = load_checkpoint(tmp_path / "work_d" / "student_best.pth")
     plain = build_detector("retinanet", "resnet18", NUM_CLASSES, fpn_channels=16, min_size=64, max_size=64)
     plain.load_state_dict(exported["model"])  # strict: a plain torchvision RetinaNet, no detkd modules

@@ -39,6 +39,8 @@ def setup_process(cfg: Config) -> torch.device:
     rank, _ = init_distributed(device)
     seed_everything(cfg.train.seed + rank)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # the console shows warnings; progress lines go to train.log
+        handler.setLevel(logging.WARNING)
     return device
 
 
