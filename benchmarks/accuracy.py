@@ -184,6 +184,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short schedule, fewer runs (< 15 min, teacher cached)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these run names")
+    parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds per run (a partial pass)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing: tabulate the runs already stored in results/runs"
+    )
     args = parser.parse_args()
     tag = "quick" if args.quick else "full"
     opts = QUICK_OPTS if args.quick else []
@@ -192,11 +196,19 @@ def main() -> None:
     records: dict[str, list[dict[str, Any]]] = {}
     for name, recipe, full_seeds, quick_seeds in RUNS:
         seeds = quick_seeds if args.quick else full_seeds
+        if args.seeds is not None:
+            seeds = min(seeds, args.seeds)
         if seeds == 0 or (args.only and name not in args.only):
+            continue
+        if args.report_only:
+            stored = [RESULTS / "runs" / f"{tag}_{name}_s{s}.json" for s in range(seeds)]
+            done = [json.loads(p.read_text()) for p in stored if p.is_file()]
+            if done:
+                records[name] = done
             continue
         records[name] = [run_student(name, recipe, s, teacher["checkpoint"], opts, tag) for s in range(seeds)]
     best = _best_distilled(records)
-    if best is not None and "baseline" in records and not args.only:
+    if best is not None and "baseline" in records and not args.only and not args.report_only:
         # the baseline given the wall time of the best distilled run: a distillation step costs more, so the fair
         # question is whether distillation beats simply training the student longer
         ratio = _mean_time(records[best]) / _mean_time(records["baseline"])
