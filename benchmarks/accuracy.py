@@ -114,7 +114,10 @@ def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list
         return json.loads(record_path.read_text())
     work = REPO / "work_dirs" / "bench" / f"{tag}_{name}_s{seed}"
     path = BENCH_CFG / recipe
-    is_distill = "teacher" in path.read_text()
+    sys.path.insert(0, str(REPO))
+    from detkd.config import load_config
+
+    is_distill = load_config(path).teacher is not None
     run_opts = [f"train.seed={seed}", "eval.interval=0", *opts]
     if is_distill:
         run_opts.append(f"teacher.checkpoint={teacher_ckpt}")
