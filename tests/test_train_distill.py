@@ -208,3 +208,40 @@ def test_mask_images_reach_tensorboard(tiny_data, tmp_path, teachers):
     assert any(tag.startswith("masks/") for tag in tags), tags
     assert len(events.Images(tags[0])) == 2  # one picture per iteration, every=1, two iterations
     assert "train/distill/fgd/p3" in events.Tags()["scalars"]
+
+
+def test_quickstart_recipe_bootstraps_data_and_teacher(tmp_path):
+    """configs/quickstart.yaml shrunk to seconds with --opts: generates the data, trains the teacher, distils."""
+    from conftest import REPO
+
+    data = tmp_path / "qs_data"
+    data_opts = [
+        f"data.synthetic={{out: {data}, num_train: 8, num_val: 4, size: 64, seed: 0}}",
+        f"data.train={{ann_file: {data}/annotations/train.json, img_dir: {data}/images/train}}",
+        f"data.val={{ann_file: {data}/annotations/val.json, img_dir: {data}/images/val}}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "log.tensorboard=false",
+        "train.epochs=1",
+        "train.max_iters=2",
+        "train.device=cpu",
+    ]
+    teacher_opts = [*data_opts, "model.min_size=64", "model.max_size=64"]
+    ckpt = tmp_path / "qs_teacher" / "best.pth"
+    opts = [
+        *data_opts,
+        f"teacher.checkpoint={ckpt}",
+        "teacher.train_opts=[" + ", ".join(json.dumps(o) for o in teacher_opts) + "]",
+        "teacher.min_size=64",
+        "teacher.max_size=64",
+        "student.min_size=64",
+        "student.max_size=64",
+        "distill.teacher_check.enabled=false",  # a 2-step teacher scores AP 0
+        f"work_dir={tmp_path / 'qs_run'}",
+    ]
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", opts)
+    assert cfg.teacher.train_if_missing == "configs/quickstart_teacher.yaml"
+    summary = train_distill(cfg, show_progress=False)
+    assert (data / "annotations" / "train.json").is_file()  # the synthetic set was generated
+    assert ckpt.is_file() and summary["teacher_train_s"] is not None  # and the teacher trained first
+    assert summary["iterations"] == 2 and (tmp_path / "qs_run" / "student_best.pth").is_file()
