@@ -165,6 +165,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     t = results["teacher"]
     lines = [
+        *([f"**{meta['note']}**", ""] if meta.get("note") else []),
         f"Command: `{meta['command']}` on {meta['machine']}; {meta['total_wall_h']:.2f} h of runs in total. "
         f"Student init: {meta['student_init']}. AP after the last epoch on the val split, mean ± std over seeds.",
         "",
@@ -243,6 +244,13 @@ def main() -> None:
         "teacher": teacher,
         "runs": runs,
     }
+    planned = sum(min(q if args.quick else f, args.seeds or 99) for _, _, f, q in RUNS)
+    finished = sum(len(rs) for rs in records.values())
+    if args.report_only and finished < planned:
+        results["meta"]["note"] = (
+            f"PARTIAL: {finished} of the {planned} planned runs are finished; the rest run with the same command "
+            f"(finished runs are skipped). Train times were measured with runs going two at a time, one thread each."
+        )
     name = "accuracy_quick" if args.quick else "accuracy"
     _write_json(RESULTS / f"{name}.json", results)
     (RESULTS / f"{name}.md").write_text(to_markdown(results))
