@@ -62,6 +62,19 @@ def make_evaluate_fn(
     return evaluate_fn
 
 
+def prepare_run(cfg: Config, work_dir: Optional[str], show_progress: bool):
+    """What every run starts with: work dir, device/process group/seeds, the data (generated if the recipe names a
+    synthetic set that is absent) and the train/val datasets. Returns ``(work_dir, device, train_set, val_set)``."""
+    out = resolve_work_dir(cfg, work_dir)
+    device = setup_process(cfg)
+    if is_main_process():
+        ensure_data(cfg.data, show_progress)
+    barrier()
+    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
+    val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
+    return out, device, train_set, val_set
+
+
 def train_detector(
     cfg: Config,
     work_dir: Optional[str] = None,
@@ -76,13 +89,7 @@ def train_detector(
             f"recipe '{cfg.name}' has no 'model' section; tools/train.py trains one detector described under "
             f"'model:' (distillation recipes with teacher/student go to tools/train_distill.py)."
         )
-    out = resolve_work_dir(cfg, work_dir)
-    device = setup_process(cfg)
-    if is_main_process():
-        ensure_data(cfg.data, show_progress)
-    barrier()
-    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
-    val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
+    out, device, train_set, val_set = prepare_run(cfg, work_dir, show_progress)
     model = build_detector_from_cfg(cfg.model, train_set.num_classes)
     loader = make_train_loader(train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection)
     show = show_progress and is_main_process()
@@ -226,15 +233,9 @@ def train_distill(
     teacher's and the student's AP, the wall time and the paths of ``student_best.pth`` / ``last.pth``."""
     from detkd.distiller import build_distiller_from_cfg
 
-    out = resolve_work_dir(cfg, work_dir)
-    device = setup_process(cfg)
-    if is_main_process():
-        ensure_data(cfg.data, show_progress)
-    barrier()
+    out, device, train_set, val_set = prepare_run(cfg, work_dir, show_progress)
     teacher_run = ensure_teacher(cfg, show_progress)
     seed_everything(cfg.train.seed)  # the student's initialisation must not depend on whether a teacher was trained
-    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
-    val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
     distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
     if cfg.data.unlabeled is not None and distiller.pseudo_labeler is None:
         raise ValueError(
