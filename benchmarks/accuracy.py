@@ -13,16 +13,19 @@ Protocol (see the README's "Benchmarks" section and DESIGN.md):
 - AP is the val AP after the **last** epoch (no checkpoint picking on the reported split).
 
 Every finished run is stored in ``benchmarks/results/runs/<run>.json`` and skipped when the script runs again, so
-the benchmark can be completed over several invocations. ``--quick`` runs a short schedule with fewer runs
-(under 15 minutes on a 2-core CPU once its teacher is cached).
+the benchmark can be completed over several invocations. ``--quick`` trains its own short teacher and a few students
+on a short schedule (under 15 minutes on a 2-core CPU). ``--jobs N`` runs N trainings at a time, each with
+``cores / N`` threads (``OMP_NUM_THREADS``). Runs are scheduled seed by seed, so the first seeds of every method
+finish before the extra seeds. A failed run is reported and the others go on.
 
-    python benchmarks/accuracy.py            # full: results/accuracy.{json,md}
-    python benchmarks/accuracy.py --quick    # results/accuracy_quick.{json,md}
+    python benchmarks/accuracy.py --jobs 2            # full: results/accuracy.{json,md}
+    python benchmarks/accuracy.py --quick --jobs 2    # results/accuracy_quick.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -55,12 +58,16 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("hetero_baseline_fcos", "hetero_fcos_baseline.yaml", 2, 0),
     ("hetero_retinanet_to_fcos", "hetero_fcos.yaml", 2, 0),
 ]
-QUICK_OPTS = ["train.epochs=2"]
+QUICK_TEACHER_OPTS = ["train.epochs=3"]  # 600 teacher steps
+QUICK_STUDENT_OPTS = ["train.epochs=1"]  # 200 student steps
+THREADS = {"per_run": None}  # set from --jobs in main()
 
 
 def run_tool(script: str, recipe: Path, work_dir: Path, opts: list[str], log: Path) -> float:
     """Run a detkd tool in a fresh process (as a user would); returns its wall time. Output goes to ``log``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if THREADS["per_run"]:
+        env["OMP_NUM_THREADS"] = str(THREADS["per_run"])
     cmd = [sys.executable, str(REPO / "tools" / script), "--cfg", str(recipe), "--work-dir", str(work_dir),
            "--no-progress", "--opts", *opts]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +130,8 @@ def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list
         run_opts.append(f"teacher.checkpoint={teacher_ckpt}")
     print(f"[bench] {name} seed {seed}", flush=True)
     wall = run_tool("train_distill.py" if is_distill else "train.py", path, work, run_opts, work / "stdout.log")
-    record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, **final_metrics(work)}
+    record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, "threads": THREADS["per_run"],
+              **final_metrics(work)}  # fmt: skip
     _write_json(record_path, record)
     return record
 
@@ -189,28 +197,48 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short schedule, fewer runs (< 15 min, teacher cached)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these run names")
     parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds per run (a partial pass)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each gets cores / jobs threads)")
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing: tabulate the runs already stored in results/runs"
     )
     args = parser.parse_args()
     tag = "quick" if args.quick else "full"
-    opts = QUICK_OPTS if args.quick else []
+    opts = QUICK_STUDENT_OPTS if args.quick else []
+    jobs = max(1, args.jobs)
+    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     start = time.time()
-    teacher = ensure_teacher("teacher.yaml", f"{tag}_teacher", opts)
+    if args.report_only:
+        teacher = json.loads((RESULTS / "runs" / f"{tag}_teacher.json").read_text())
+    else:  # the teacher alone, with every core
+        teacher = ensure_teacher("teacher.yaml", f"{tag}_teacher", QUICK_TEACHER_OPTS if args.quick else [])
+    planned: list[tuple[str, str, int]] = []  # (name, recipe, seed), seed by seed
+    for seed in range(3):
+        for name, recipe, full_seeds, quick_seeds in RUNS:
+            seeds = quick_seeds if args.quick else full_seeds
+            if args.seeds is not None:
+                seeds = min(seeds, args.seeds)
+            if seed < seeds and not (args.only and name not in args.only):
+                planned.append((name, recipe, seed))
     records: dict[str, list[dict[str, Any]]] = {}
-    for name, recipe, full_seeds, quick_seeds in RUNS:
-        seeds = quick_seeds if args.quick else full_seeds
-        if args.seeds is not None:
-            seeds = min(seeds, args.seeds)
-        if seeds == 0 or (args.only and name not in args.only):
-            continue
-        if args.report_only:
-            stored = [RESULTS / "runs" / f"{tag}_{name}_s{s}.json" for s in range(seeds)]
-            done = [json.loads(p.read_text()) for p in stored if p.is_file()]
-            if done:
-                records[name] = done
-            continue
-        records[name] = [run_student(name, recipe, s, teacher["checkpoint"], opts, tag) for s in range(seeds)]
+    failures: list[str] = []
+    if args.report_only:
+        for name, _, seed in planned:
+            path = RESULTS / "runs" / f"{tag}_{name}_s{seed}.json"
+            if path.is_file():
+                records.setdefault(name, []).append(json.loads(path.read_text()))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [
+                pool.submit(run_student, name, recipe, seed, teacher["checkpoint"], opts, tag)
+                for name, recipe, seed in planned
+            ]
+            for (name, _, seed), future in zip(planned, futures):
+                try:
+                    records.setdefault(name, []).append(future.result())
+                except RuntimeError as err:  # one failed run must not throw away the others' hours
+                    failures.append(f"{name} seed {seed}: {err}")
+                    print(f"[bench] FAILED {name} seed {seed}: {err}", flush=True)
+    records = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in records.items() if rs}
     best = _best_distilled(records)
     if best is not None and "baseline" in records and not args.only and not args.report_only:
         # the baseline given the wall time of the best distilled run: a distillation step costs more, so the fair
@@ -221,7 +249,9 @@ def main() -> None:
                      f"train.max_iters={steps}"]  # fmt: skip
         seeds = len(records["baseline"])
         name = f"baseline_same_wall_time_as_{best}"
-        records[name] = [run_student(name, "student.yaml", s, "", wall_opts, tag) for s in range(seeds)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(run_student, name, "student.yaml", s, "", wall_opts, tag) for s in range(seeds)]
+            records[name] = [f.result() for f in futures]
     base = aggregate(records["baseline"], teacher["AP"], None)["AP"] if "baseline" in records else None
     hetero = records.get("hetero_baseline_fcos")
     hetero_base = aggregate(hetero, teacher["AP"], None)["AP"] if hetero else None
@@ -234,7 +264,7 @@ def main() -> None:
     runs = {name: aggregate(rs, teacher["AP"], reference(name)) for name, rs in records.items()}
     results = {
         "meta": {
-            "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else ""),
+            "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + f" --jobs {jobs}",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
             "student_init": "scratch (same seed -> same initial weights for every method)",
             "total_wall_h": (sum(r["wall_s"] for rs in records.values() for r in rs) + teacher["wall_s"]) / 3600,
@@ -244,17 +274,18 @@ def main() -> None:
         "teacher": teacher,
         "runs": runs,
     }
-    planned = sum(min(q if args.quick else f, args.seeds or 99) for _, _, f, q in RUNS)
-    finished = sum(len(rs) for rs in records.values())
-    if args.report_only and finished < planned:
+    finished = sum(len(records.get(name, [])) for name in {n for n, _, _ in planned})
+    if args.report_only and finished < len(planned):
         results["meta"]["note"] = (
-            f"PARTIAL: {finished} of the {planned} planned runs are finished; the rest run with the same command "
-            f"(finished runs are skipped). Train times were measured with runs going two at a time, one thread each."
+            f"PARTIAL: {finished} of the {len(planned)} planned runs are finished; the rest run with the same "
+            f"command (finished runs are skipped)."
         )
     name = "accuracy_quick" if args.quick else "accuracy"
     _write_json(RESULTS / f"{name}.json", results)
     (RESULTS / f"{name}.md").write_text(to_markdown(results))
     print(to_markdown(results))
+    if failures:
+        sys.exit("failed runs (rerun the same command to retry them):\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":

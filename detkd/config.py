@@ -63,6 +63,8 @@ class SyntheticCfg:
     num_val: int = 200
     size: int = 128
     seed: int = 0
+    min_object_size: float = 8.0  # px; larger is easier (see detkd.data.synthetic.render_sample)
+    clutter: float = 1.0  # scale of the background clutter; smaller is easier
 
 
 @dataclass(frozen=True)

@@ -180,3 +180,61 @@ def test_make_synthetic_tool(tmp_path: Path) -> None:
     assert "train: 5 images" in proc.stdout and "val: 2 images" in proc.stdout
     assert split_stats(tmp_path / "annotations/train.json")["images"] == 5
     assert len(list((tmp_path / "images/val").glob("*.png"))) == 2
+
+
+def test_min_object_size_raises_the_smallest_objects() -> None:
+    def sides(**knobs) -> np.ndarray:
+        samples = [render_sample(0, "train", i, 128, **knobs) for i in range(60)]
+        return np.concatenate([s.boxes_xywh[:, 2:].max(axis=1) for s in samples])
+
+    default, larger = sides(), sides(min_object_size=32)
+    # visible boxes can be smaller than the object (occlusion, border), so compare the distributions
+    assert np.percentile(default, 10) < 14
+    assert np.percentile(larger, 10) >= 20
+    assert np.median(larger) > np.median(default) + 8
+    assert larger.max() <= 128 / 2 + 2  # the upper end (half the image side) is unchanged
+
+
+def test_clutter_scales_the_background_lines_and_blobs() -> None:
+    def roughness(clutter: float) -> float:  # mean |Laplacian| of the backgrounds: lines and arcs are sharp edges
+        backs = [render_sample(4, "train", i, 96, clutter=clutter).background for i in range(30)]
+        return float(np.mean([np.abs(cv2.Laplacian(b.astype(np.float32), cv2.CV_32F)).mean() for b in backs]))
+
+    none, half, full = roughness(0.0), roughness(0.5), roughness(1.0)
+    assert none < half < full
+    # the default knobs draw exactly what the generator drew before the knobs existed
+    np.testing.assert_array_equal(
+        render_sample(4, "train", 3, 96, clutter=1.0, min_object_size=8).image, render_sample(4, "train", 3, 96).image
+    )
+
+
+def test_knobs_are_recorded_and_a_changed_knob_regenerates(tmp_path: Path) -> None:
+    out = tmp_path / "syn"
+    ensure_synthetic(out, 3, 2, size=48, seed=0, show_progress=False)
+    assert "clutter" not in json.loads((out / STAMP_FILE).read_text())  # default knobs keep older stamps valid
+    paths = ensure_synthetic(out, 3, 2, size=48, seed=0, show_progress=False, min_object_size=12, clutter=0.5)
+    stamp = json.loads((out / STAMP_FILE).read_text())
+    assert stamp["min_object_size"] == 12 and stamp["clutter"] == 0.5
+    info = json.loads(Path(paths["val"]["ann_file"]).read_text())["info"]
+    assert info["min_object_size"] == 12 and info["clutter"] == 0.5
+    with pytest.raises(ValueError, match="clutter must be >= 0"):
+        render_sample(0, "train", 0, 48, clutter=-1)
+    with pytest.raises(ValueError, match="min_object_size must be >= 2"):
+        render_sample(0, "train", 0, 48, min_object_size=1)
+
+
+def test_recipe_knobs_reach_the_generator(tmp_path: Path) -> None:
+    from detkd.config import load_config
+    from detkd.data.build import ensure_data
+
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "data"
+    recipe.write_text(
+        "model: {arch: retinanet, backbone: resnet18}\n"
+        f"data: {{synthetic: {{out: {out}, num_train: 2, num_val: 1, size: 32, min_object_size: 10, clutter: 0}},\n"
+        f"       train: {{ann_file: {out}/annotations/train.json, img_dir: {out}/images/train}},\n"
+        f"       val: {{ann_file: {out}/annotations/val.json, img_dir: {out}/images/val}}}}\n"
+    )
+    ensure_data(load_config(recipe).data, show_progress=False)
+    stamp = json.loads((out / STAMP_FILE).read_text())
+    assert stamp["min_object_size"] == 10.0 and stamp["clutter"] == 0.0

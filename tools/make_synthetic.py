@@ -16,12 +16,23 @@ def main() -> None:
     parser.add_argument("--num-val", type=int, default=300)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-object-size", type=float, default=8.0, help="smallest object diameter in px")
+    parser.add_argument("--clutter", type=float, default=1.0, help="scale of the background clutter (0: none)")
     parser.add_argument("--force", action="store_true", help="regenerate even if a set with these arguments exists")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     make = generate_synthetic_coco if args.force else ensure_synthetic
     show_progress = not args.no_progress
-    paths = make(args.out, args.num_train, args.num_val, size=args.size, seed=args.seed, show_progress=show_progress)
+    paths = make(
+        args.out,
+        args.num_train,
+        args.num_val,
+        size=args.size,
+        seed=args.seed,
+        show_progress=show_progress,
+        min_object_size=args.min_object_size,
+        clutter=args.clutter,
+    )
     for split, split_paths in paths.items():
         stats = split_stats(split_paths["ann_file"])
         print(

@@ -19,7 +19,16 @@ def ensure_data(data_cfg: DataCfg, show_progress: bool = True) -> None:
     from detkd.data.synthetic import ensure_synthetic
 
     s = data_cfg.synthetic
-    ensure_synthetic(s.out, s.num_train, s.num_val, s.size, s.seed, show_progress=show_progress)
+    ensure_synthetic(
+        s.out,
+        s.num_train,
+        s.num_val,
+        s.size,
+        s.seed,
+        show_progress=show_progress,
+        min_object_size=s.min_object_size,
+        clutter=s.clutter,
+    )
 
 
 def build_dataset(data_cfg: DataCfg, split: str, seed: int = 0) -> CocoDetection:

@@ -61,6 +61,8 @@ MIN_VISIBLE_SIDE = 2
 MAX_OBJECTS = 6
 EMPTY_PROBABILITY = 0.05
 MIN_IMAGE_SIZE = 16
+DEFAULT_MIN_OBJECT_SIZE = 8.0
+DEFAULT_CLUTTER = 1.0
 
 CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "disc", "supercategory": "round"},
@@ -154,8 +156,16 @@ def _pts(xy: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(xy, dtype=np.float64) * _SCALE).astype(np.int32).reshape(-1, 1, 2)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth two-colour field + colour blotches + fine texture + translucent blobs, lines and arcs (RGB uint8)."""
+def _scaled_count(n: int, clutter: float) -> int:
+    """``n`` clutter items scaled by ``clutter`` (1.0 keeps ``n``, so the default draws stay unchanged)."""
+    return n if clutter == 1.0 else int(round(n * clutter))
+
+
+def _background(rng: np.random.Generator, size: int, clutter: float = DEFAULT_CLUTTER) -> np.ndarray:
+    """A smooth two-colour field + colour blotches + fine texture + translucent blobs, lines and arcs (RGB uint8).
+
+    ``clutter`` scales the number of blobs, lines and arcs (0 gives none).
+    """
     s = (size, size)
     grid = int(rng.integers(2, 6))
     field = cv2.resize(rng.random((grid, grid), dtype=np.float32), s, interpolation=cv2.INTER_CUBIC)
@@ -170,7 +180,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
     lo, hi = -0.2 * size, 1.2 * size
     overlay = img.copy()
-    for _ in range(int(rng.integers(0, 5))):  # elongated translucent blobs
+    for _ in range(_scaled_count(int(rng.integers(0, 5)), clutter)):  # elongated translucent blobs
         centre = _pts(rng.uniform(lo, hi, 2)).reshape(2)
         major = rng.uniform(0.08, 0.5) * size
         axes = _pts([major, major * rng.uniform(0.1, 0.33)]).reshape(2)
@@ -178,11 +188,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         cv2.ellipse(overlay, tuple(centre), tuple(axes), angle, 0.0, 360.0, _color(rng), -1, cv2.LINE_AA, _SHIFT)
     alpha = float(rng.uniform(0.35, 0.85))
     img = cv2.addWeighted(overlay, alpha, img, 1.0 - alpha, 0.0)
-    for _ in range(int(rng.integers(2, 9))):  # lines
+    for _ in range(_scaled_count(int(rng.integers(2, 9)), clutter)):  # lines
         p = _pts(rng.uniform(lo, hi, 4)).reshape(4)
         thickness = int(rng.integers(1, 3))
         cv2.line(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), _color(rng), thickness, cv2.LINE_AA, _SHIFT)
-    for _ in range(int(rng.integers(0, 4))):  # arcs
+    for _ in range(_scaled_count(int(rng.integers(0, 4)), clutter)):  # arcs
         centre = _pts(rng.uniform(0.0, size, 2)).reshape(2)
         axes = _pts(rng.uniform(0.05, 0.4, 2) * size).reshape(2)
         start = float(rng.uniform(0.0, 360.0))
@@ -247,10 +257,10 @@ def _fill(shape_hw: tuple[int, int], polygons: list) -> np.ndarray:
     return canvas.astype(np.float32) / 255.0
 
 
-def _make_shape(rng: np.random.Generator, size: int) -> _Shape:
+def _make_shape(rng: np.random.Generator, size: int, min_object_size: float = DEFAULT_MIN_OBJECT_SIZE) -> _Shape:
     """Draw one object's category, geometry and colours and render it into its own patch."""
     cat_id = int(rng.integers(1, len(CATEGORIES) + 1))
-    lo, hi = min(8.0, size / 4.0), size / 2.0
+    lo, hi = min(float(min_object_size), size / 4.0), size / 2.0
     radius = 0.5 * math.exp(rng.uniform(math.log(lo), math.log(hi)))
     cx, cy = rng.uniform(-0.1 * 2 * radius, size + 0.1 * 2 * radius, 2)
     angle = rng.uniform(0.0, 2.0 * math.pi)
@@ -335,7 +345,15 @@ def _visible_ok(shapes: list[_Shape], owner: np.ndarray) -> list[bool]:
     return keep
 
 
-def render_sample(seed: int, split: str, index: int, size: int) -> SyntheticSample:
+def render_sample(
+    seed: int,
+    split: str,
+    index: int,
+    size: int,
+    *,
+    min_object_size: float = DEFAULT_MIN_OBJECT_SIZE,
+    clutter: float = DEFAULT_CLUTTER,
+) -> SyntheticSample:
     """Render image ``index`` of ``split`` with its annotations, from its own random stream.
 
     Args:
@@ -343,16 +361,18 @@ def render_sample(seed: int, split: str, index: int, size: int) -> SyntheticSamp
         split: Split name (``"train"``, ``"val"``, ...); different names give disjoint streams.
         index: 0-based image index within the split.
         size: Image side in pixels (square images), at least 16.
+        min_object_size: Smallest object diameter in px (capped at a quarter of ``size``); sizes are log-uniform
+            from it to half the image side. Larger values make an easier set.
+        clutter: Scale of the number of background blobs, lines and arcs (1.0 default, 0 none).
 
     Returns:
         The image, its background and per-object visible masks, boxes, category ids and areas.
     """
-    if size < MIN_IMAGE_SIZE:
-        raise ValueError(f"synthetic image size must be >= {MIN_IMAGE_SIZE} px, got {size}")
+    _check_args(size, min_object_size, clutter)
     rng = _rng(seed, split, index)
-    background = _background(rng, size)
+    background = _background(rng, size, clutter)
     n_objects = 0 if rng.random() < EMPTY_PROBABILITY else int(rng.integers(1, MAX_OBJECTS + 1))
-    shapes = [_make_shape(rng, size) for _ in range(n_objects)]
+    shapes = [_make_shape(rng, size, min_object_size) for _ in range(n_objects)]
 
     # Removing a barely visible object only uncovers the objects below it, so one removal pass suffices.
     shapes = [s for s, ok in zip(shapes, _visible_ok(shapes, _owners(shapes, size))) if ok]
@@ -384,6 +404,15 @@ def render_sample(seed: int, split: str, index: int, size: int) -> SyntheticSamp
     )
 
 
+def _check_args(size: int, min_object_size: float, clutter: float) -> None:
+    if size < MIN_IMAGE_SIZE:
+        raise ValueError(f"synthetic image size must be >= {MIN_IMAGE_SIZE} px, got {size}")
+    if not min_object_size >= 2:
+        raise ValueError(f"synthetic min_object_size must be >= 2 px, got {min_object_size}")
+    if not clutter >= 0:
+        raise ValueError(f"synthetic clutter must be >= 0, got {clutter}")
+
+
 def _split_paths(out_dir: Union[str, os.PathLike], split: str) -> dict[str, str]:
     out = Path(out_dir)
     return {"ann_file": str(out / "annotations" / f"{split}.json"), "img_dir": str(out / "images" / split)}
@@ -405,6 +434,9 @@ def generate_split(
     size: int,
     seed: int,
     show_progress: bool = True,
+    *,
+    min_object_size: float = DEFAULT_MIN_OBJECT_SIZE,
+    clutter: float = DEFAULT_CLUTTER,
 ) -> str:
     """Write ``num_images`` images to ``out_dir/images/<split>/`` and their COCO json to ``annotations/<split>.json``.
 
@@ -415,6 +447,8 @@ def generate_split(
         size: Image side in pixels (>= 16).
         seed: Dataset seed.
         show_progress: Show a tqdm progress bar.
+        min_object_size: Smallest object diameter in px (see ``render_sample``).
+        clutter: Scale of the background clutter (see ``render_sample``).
 
     Returns:
         The path of the annotation json.
@@ -429,7 +463,7 @@ def generate_split(
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index in tqdm(range(num_images), desc=f"synthetic {split}", unit="img", disable=not show_progress):
-        sample = render_sample(seed, split, index, size)
+        sample = render_sample(seed, split, index, size, min_object_size=min_object_size, clutter=clutter)
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
         if not cv2.imwrite(str(img_dir / file_name), cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR)):
@@ -458,6 +492,8 @@ def generate_split(
         "seed": int(seed),
         "size": int(size),
         "num_images": int(num_images),
+        "min_object_size": float(min_object_size),
+        "clutter": float(clutter),
         "bbox": "tight xywh box of the visible pixels",
         "area": "visible pixel count",
     }
@@ -466,14 +502,20 @@ def generate_split(
     return str(ann_file)
 
 
-def _stamp(num_train: int, num_val: int, size: int, seed: int) -> dict[str, int]:
-    return {
+def _stamp(num_train: int, num_val: int, size: int, seed: int, min_object_size: float, clutter: float) -> dict:
+    stamp: dict[str, Any] = {
         "generator_version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
         "size": int(size),
         "seed": int(seed),
     }
+    # only non-default knobs are recorded, so sets made before the knobs existed stay valid
+    if min_object_size != DEFAULT_MIN_OBJECT_SIZE:
+        stamp["min_object_size"] = float(min_object_size)
+    if clutter != DEFAULT_CLUTTER:
+        stamp["clutter"] = float(clutter)
+    return stamp
 
 
 def generate_synthetic_coco(
@@ -483,6 +525,9 @@ def generate_synthetic_coco(
     size: int = 128,
     seed: int = 0,
     show_progress: bool = True,
+    *,
+    min_object_size: float = DEFAULT_MIN_OBJECT_SIZE,
+    clutter: float = DEFAULT_CLUTTER,
 ) -> dict[str, dict[str, str]]:
     """(Re)generate both splits under ``out_dir`` and write the stamp file last.
 
@@ -493,20 +538,22 @@ def generate_synthetic_coco(
         size: Image side in pixels (>= 16).
         seed: Dataset seed.
         show_progress: Show tqdm progress bars.
+        min_object_size: Smallest object diameter in px (see ``render_sample``).
+        clutter: Scale of the background clutter (see ``render_sample``).
 
     Returns:
         ``{"train": {"ann_file": ..., "img_dir": ...}, "val": {...}}``.
     """
-    if size < MIN_IMAGE_SIZE:
-        raise ValueError(f"synthetic image size must be >= {MIN_IMAGE_SIZE} px, got {size}")
+    _check_args(size, min_object_size, clutter)
+    knobs = {"min_object_size": min_object_size, "clutter": clutter}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / STAMP_FILE
     if stamp.exists():  # an interrupted run must not leave a stamp that claims a complete set
         stamp.unlink()
-    generate_split(out, "train", num_train, size, seed, show_progress=show_progress)
-    generate_split(out, "val", num_val, size, seed, show_progress=show_progress)
-    _write_json(stamp, _stamp(num_train, num_val, size, seed))
+    generate_split(out, "train", num_train, size, seed, show_progress=show_progress, **knobs)
+    generate_split(out, "val", num_val, size, seed, show_progress=show_progress, **knobs)
+    _write_json(stamp, _stamp(num_train, num_val, size, seed, **knobs))
     return {split: _split_paths(out, split) for split in ("train", "val")}
 
 
@@ -517,6 +564,9 @@ def ensure_synthetic(
     size: int = 128,
     seed: int = 0,
     show_progress: bool = True,
+    *,
+    min_object_size: float = DEFAULT_MIN_OBJECT_SIZE,
+    clutter: float = DEFAULT_CLUTTER,
 ) -> dict[str, dict[str, str]]:
     """Generate the set only when ``out_dir`` lacks it or holds one made with other arguments.
 
@@ -530,6 +580,8 @@ def ensure_synthetic(
         size: Image side in pixels (>= 16).
         seed: Dataset seed.
         show_progress: Show tqdm progress bars when generating.
+        min_object_size: Smallest object diameter in px (see ``render_sample``).
+        clutter: Scale of the background clutter (see ``render_sample``).
 
     Returns:
         The same dict as ``generate_synthetic_coco``.
@@ -541,9 +593,12 @@ def ensure_synthetic(
     except (OSError, ValueError):
         current = None
     complete = all(Path(p["ann_file"]).is_file() and Path(p["img_dir"]).is_dir() for p in paths.values())
-    if complete and current == _stamp(num_train, num_val, size, seed):
+    knobs = {"min_object_size": min_object_size, "clutter": clutter}
+    if complete and current == _stamp(num_train, num_val, size, seed, **knobs):
         return paths
-    return generate_synthetic_coco(out_dir, num_train, num_val, size=size, seed=seed, show_progress=show_progress)
+    return generate_synthetic_coco(
+        out_dir, num_train, num_val, size=size, seed=seed, show_progress=show_progress, **knobs
+    )
 
 
 def split_stats(ann_file: Union[str, os.PathLike]) -> dict[str, int]:
