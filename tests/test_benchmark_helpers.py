@@ -1,0 +1,70 @@
+"""The pure helpers of the benchmark scripts (the scripts themselves are run by hand; see benchmarks/)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detkd.config import load_config
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def loss_scales():
+    return _load("loss_scales")
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return _load("accuracy")
+
+
+@pytest.mark.parametrize("x, expected", [(2.3e-5, 2e-5), (0.0096, 0.01), (7.7, 8.0), (350.0, 400.0), (1.0, 1.0)])
+def test_weights_round_to_one_significant_digit_and_stay_yaml_floats(loss_scales, x, expected):
+    assert loss_scales.round_sig(x) == pytest.approx(expected)
+    assert yaml.safe_load(loss_scales.yaml_float(loss_scales.round_sig(x))) == pytest.approx(expected)
+
+
+def test_set_weight_edits_only_the_named_loss(loss_scales, tmp_path):
+    recipe = tmp_path / "combo.yaml"
+    recipe.write_text(
+        "# a comment: weight: 3\n"
+        "distill:\n"
+        "  features: [{type: fgd, levels: [p3, p4, p5], weight: 1.0e-5}, {type: mse, weight: 2.0e-3}]\n"
+        "  head: [{type: logit_kd, temperature: 1.0, box_weight: 1.0}]\n"
+    )
+    assert loss_scales.set_weight(recipe, "fgd", 3e-6)
+    assert not loss_scales.set_weight(recipe, "gid", 1.0)
+    distill = yaml.safe_load(recipe.read_text())["distill"]
+    assert distill["features"] == [
+        {"type": "fgd", "levels": ["p3", "p4", "p5"], "weight": 3e-6},
+        {"type": "mse", "weight": 2e-3},
+    ]
+    assert distill["head"][0]["box_weight"] == 1.0
+    assert recipe.read_text().startswith("# a comment: weight: 3\n")
+
+
+def test_gap_closed_and_spread(accuracy):
+    records = [{"seed": s, "AP": ap, "AP50": 0.5, "APs": 0.1, "train_time_s": 60.0} for s, ap in ((0, 0.2), (1, 0.3))]
+    out = accuracy.aggregate(records, teacher_ap=0.45, baseline_ap=0.2)
+    assert out["AP"] == pytest.approx(0.25)
+    assert out["AP_std"] == pytest.approx(0.0707107, rel=1e-5)  # sample standard deviation
+    assert out["gap_closed"] == pytest.approx(0.05 / 0.25)
+    assert "gap_closed" not in accuracy.aggregate(records, teacher_ap=0.1, baseline_ap=0.2)  # no gap: no ratio
+
+
+def test_every_benchmark_recipe_loads(accuracy):
+    for _, recipe, _, _ in accuracy.RUNS:
+        cfg = load_config(BENCH.parent / "configs" / "bench" / recipe)
+        assert cfg.data.synthetic.min_object_size == 16 and cfg.train.epochs == 3
