@@ -1,6 +1,7 @@
 """The pure helpers of the benchmark scripts (the scripts themselves are run by hand; see benchmarks/)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -68,3 +69,31 @@ def test_every_benchmark_recipe_loads(accuracy):
     for _, recipe, _, _ in accuracy.RUNS:
         cfg = load_config(BENCH.parent / "configs" / "bench" / recipe)
         assert cfg.data.synthetic.min_object_size == 16 and cfg.train.epochs == 3
+
+
+def test_schedule_seed_by_seed_then_top_methods_then_wall_time_baseline(accuracy, tmp_path, monkeypatch):
+    calls = []
+    ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "best_combination": 0.30, "fgd": 0.15}
+
+    def fake_run_student(name, recipe, seed, teacher_ckpt, opts, tag):
+        calls.append((name, seed, tuple(opts)))
+        time_s = 100.0 if name == "baseline" else 150.0
+        return {"run": name, "seed": seed, "AP": ap.get(name, 0.12), "AP50": 0.3, "APs": 0.05,
+                "train_time_s": time_s, "iterations": 600, "iters_per_epoch": 200, "wall_s": time_s}  # fmt: skip
+
+    monkeypatch.setattr(accuracy, "run_student", fake_run_student)
+    teacher = {"AP": 0.5, "checkpoint": "t.pth", "wall_s": 1.0, "recipe": "teacher.yaml"}
+    monkeypatch.setattr(accuracy, "ensure_teacher", lambda *a: teacher)
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["accuracy.py"])
+    accuracy.main()
+
+    first_pass = [c for c in calls if c[0] in {n for n, *_ in accuracy.RUNS}][: 2 * len(accuracy.RUNS)]
+    assert [seed for _, seed, _ in first_pass] == [0] * len(accuracy.RUNS) + [1] * len(accuracy.RUNS)
+    third = {name for name, seed, _ in calls if seed == 2}
+    assert third == {"baseline", "pkd", "logit_kd", "best_combination"}  # the baseline and the top 3
+    wall = [c for c in calls if c[0].startswith("baseline_same_wall_time")]
+    assert [c[0] for c in wall] == ["baseline_same_wall_time_as_best_combination"] * 2
+    assert "train.max_iters=900" in wall[0][2]  # 600 steps x 150 s / 100 s
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    assert results["runs"]["best_combination"]["gap_closed"] == pytest.approx((0.30 - 0.10) / (0.5 - 0.10))
