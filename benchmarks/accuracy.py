@@ -58,6 +58,7 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("best_combination", "combo.yaml", 2, 1),
     ("hetero_baseline_fcos", "hetero_fcos_baseline.yaml", 2, 0),
     ("hetero_retinanet_to_fcos", "hetero_fcos.yaml", 2, 0),
+    ("hetero_retinanet_to_fcos_cwd", "hetero_fcos_cwd.yaml", 2, 0),
 ]
 TOP_K = 3  # the top distilled methods (by mean AP after the first pass) are run with MAX_SEEDS seeds
 MAX_SEEDS = 3
