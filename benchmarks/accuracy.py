@@ -58,8 +58,11 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("best_combination", "combo.yaml", 2, 1),
     ("hetero_baseline_fcos", "hetero_fcos_baseline.yaml", 2, 0),
     ("hetero_retinanet_to_fcos", "hetero_fcos.yaml", 2, 0),
-    ("hetero_retinanet_to_fcos_cwd", "hetero_fcos_cwd.yaml", 2, 0),
+    ("hetero_fcos_to_retinanet", "hetero_fcos_to_retinanet.yaml", 2, 0),
 ]
+# runs measured against another baseline than "baseline", or distilled from another teacher than teacher.yaml
+BASELINE_OF = {"hetero_retinanet_to_fcos": "hetero_baseline_fcos"}
+TEACHER_OF = {"hetero_fcos_to_retinanet": ("teacher_fcos.yaml", "teacher_fcos")}  # run -> (recipe, tag suffix)
 TOP_K = 3  # the top distilled methods (by mean AP after the first pass) are run with MAX_SEEDS seeds
 MAX_SEEDS = 3
 WALL_TIME_SEEDS = 2
@@ -183,6 +186,11 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"Student init: {meta['student_init']}. AP after the last epoch on the val split, mean ± std over seeds.",
         "",
         f"Teacher {t['recipe']}: AP {100 * t['AP']:.1f} (trained once, {t['wall_s'] / 60:.0f} min).",
+        *[
+            f"Teacher of {', '.join(n for n, (r, _) in TEACHER_OF.items() if r == o['recipe'])}: {o['recipe']}, "
+            f"AP {100 * o['AP']:.1f} ({o['wall_s'] / 60:.0f} min)."
+            for o in results.get("other_teachers", {}).values()
+        ],
         "",
         "| run | seeds | AP | AP50 | APs | gap closed | train time / run |",
         "|---|---|---|---|---|---|---|",
@@ -210,12 +218,12 @@ def main() -> None:
     tag = "quick" if args.quick else "full"
     opts = QUICK_STUDENT_OPTS if args.quick else []
     jobs = max(1, args.jobs)
-    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     start = time.time()
     if args.report_only:
         teacher = json.loads((RESULTS / "runs" / f"{tag}_teacher.json").read_text())
     else:  # the teacher alone, with every core
         teacher = ensure_teacher("teacher.yaml", f"{tag}_teacher", QUICK_TEACHER_OPTS if args.quick else [])
+    teachers = {"teacher": teacher}  # key -> teacher record
     planned: list[tuple[str, str, int]] = []  # (name, recipe, seed), seed by seed
     for seed in range(MAX_SEEDS):
         for name, recipe, full_seeds, quick_seeds in RUNS:
@@ -224,13 +232,25 @@ def main() -> None:
                 seeds = min(seeds, args.seeds)
             if seed < seeds and not (args.only and name not in args.only):
                 planned.append((name, recipe, seed))
+    for recipe, suffix in {TEACHER_OF[n] for n, _, _ in planned if n in TEACHER_OF}:
+        if args.report_only:
+            teachers[suffix] = json.loads((RESULTS / "runs" / f"{tag}_{suffix}.json").read_text())
+        else:
+            teachers[suffix] = ensure_teacher(recipe, f"{tag}_{suffix}", [])
+
+    # teachers train alone with every core; the students share the cores
+    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def teacher_of(name: str) -> dict[str, Any]:
+        return teachers[TEACHER_OF[name][1]] if name in TEACHER_OF else teacher
+
     records: dict[str, list[dict[str, Any]]] = {}
     failures: list[str] = []
 
     def run_all(batch: list[tuple[str, str, int, list[str]]]) -> None:
         """Run (name, recipe, seed, opts) jobs ``jobs`` at a time; a failed run is reported, the others go on."""
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_student, n, r, s, teacher["checkpoint"], o, tag) for n, r, s, o in batch]
+            futures = [pool.submit(run_student, n, r, s, teacher_of(n)["checkpoint"], o, tag) for n, r, s, o in batch]
             for (name, _, seed, _), future in zip(batch, futures):
                 try:
                     records.setdefault(name, []).append(future.result())
@@ -263,26 +283,29 @@ def main() -> None:
                      f"train.max_iters={steps}"]  # fmt: skip
         name = f"baseline_same_wall_time_as_{best}"
         run_all([(name, "student.yaml", s, wall_opts) for s in range(WALL_TIME_SEEDS)])
-    base = aggregate(records["baseline"], teacher["AP"], None)["AP"] if "baseline" in records else None
-    hetero = records.get("hetero_baseline_fcos")
-    hetero_base = aggregate(hetero, teacher["AP"], None)["AP"] if hetero else None
 
     def reference(name: str) -> Optional[float]:
-        if name.startswith("baseline") or name == "hetero_baseline_fcos":
+        """The mean AP of the baseline a run is compared with (None for baselines)."""
+        if name.startswith("baseline") or name in BASELINE_OF.values():
             return None
-        return hetero_base if name.startswith("hetero") else base
+        base_name = BASELINE_OF.get(name, "baseline")
+        return aggregate(records[base_name], 0.0, None)["AP"] if base_name in records else None
 
-    runs = {name: aggregate(rs, teacher["AP"], reference(name)) for name, rs in records.items()}
+    runs = {name: aggregate(rs, teacher_of(name)["AP"], reference(name)) for name, rs in records.items()}
     results = {
         "meta": {
             "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + f" --jobs {jobs}",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
             "student_init": "scratch (same seed -> same initial weights for every method)",
-            "total_wall_h": (sum(r["wall_s"] for rs in records.values() for r in rs) + teacher["wall_s"]) / 3600,
+            "total_wall_h": (
+                sum(r["wall_s"] for rs in records.values() for r in rs) + sum(t["wall_s"] for t in teachers.values())
+            )
+            / 3600,
             "this_invocation_s": time.time() - start,
             "date": time.strftime("%Y-%m-%d"),
         },
         "teacher": teacher,
+        "other_teachers": {k: v for k, v in teachers.items() if k != "teacher"},
         "runs": runs,
     }
     finished = sum(len(records.get(name, [])) for name in {n for n, _, _ in planned})

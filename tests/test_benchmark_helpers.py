@@ -72,18 +72,23 @@ def test_every_benchmark_recipe_loads(accuracy):
 
 
 def test_schedule_seed_by_seed_then_top_methods_then_wall_time_baseline(accuracy, tmp_path, monkeypatch):
-    calls = []
+    calls, teachers_seen = [], {}
     ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "best_combination": 0.30, "fgd": 0.15}
 
     def fake_run_student(name, recipe, seed, teacher_ckpt, opts, tag):
         calls.append((name, seed, tuple(opts)))
+        teachers_seen[name] = teacher_ckpt
         time_s = 100.0 if name == "baseline" else 150.0
         return {"run": name, "seed": seed, "AP": ap.get(name, 0.12), "AP50": 0.3, "APs": 0.05,
                 "train_time_s": time_s, "iterations": 600, "iters_per_epoch": 200, "wall_s": time_s}  # fmt: skip
 
     monkeypatch.setattr(accuracy, "run_student", fake_run_student)
-    teacher = {"AP": 0.5, "checkpoint": "t.pth", "wall_s": 1.0, "recipe": "teacher.yaml"}
-    monkeypatch.setattr(accuracy, "ensure_teacher", lambda *a: teacher)
+
+    def fake_ensure_teacher(recipe, tag, opts):
+        ap = 0.5 if recipe == "teacher.yaml" else 0.6
+        return {"AP": ap, "checkpoint": f"{tag}.pth", "wall_s": 1.0, "recipe": recipe}
+
+    monkeypatch.setattr(accuracy, "ensure_teacher", fake_ensure_teacher)
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
     monkeypatch.setattr(sys, "argv", ["accuracy.py"])
     accuracy.main()
@@ -97,3 +102,8 @@ def test_schedule_seed_by_seed_then_top_methods_then_wall_time_baseline(accuracy
     assert "train.max_iters=900" in wall[0][2]  # 600 steps x 150 s / 100 s
     results = json.loads((tmp_path / "accuracy.json").read_text())
     assert results["runs"]["best_combination"]["gap_closed"] == pytest.approx((0.30 - 0.10) / (0.5 - 0.10))
+    # the FCOS -> RetinaNet pair learns from its own teacher and is measured against that teacher's AP
+    assert teachers_seen["hetero_fcos_to_retinanet"] == "full_teacher_fcos.pth"
+    assert teachers_seen["pkd"] == "full_teacher.pth"
+    gap = results["runs"]["hetero_fcos_to_retinanet"]["gap_closed"]
+    assert gap == pytest.approx((0.12 - 0.10) / (0.6 - 0.10))
