@@ -234,7 +234,9 @@ def main() -> None:
                 planned.append((name, recipe, seed))
     for recipe, suffix in {TEACHER_OF[n] for n, _, _ in planned if n in TEACHER_OF}:
         if args.report_only:
-            teachers[suffix] = json.loads((RESULTS / "runs" / f"{tag}_{suffix}.json").read_text())
+            path = RESULTS / "runs" / f"{tag}_{suffix}.json"
+            if path.is_file():  # absent: its runs have not started either
+                teachers[suffix] = json.loads(path.read_text())
         else:
             teachers[suffix] = ensure_teacher(recipe, f"{tag}_{suffix}", [])
 
@@ -272,7 +274,9 @@ def main() -> None:
             means = {n: statistics.mean(r["AP"] for r in rs) for n, rs in records.items() if n in recipes}
             top = sorted((n for n in means if not n.startswith(("baseline", "hetero"))), key=means.get)[-TOP_K:]
             run_all([(n, recipes[n], s, opts) for n in top for s in range(len(records[n]), MAX_SEEDS)])
-    records = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in records.items() if rs}
+    order = [name for name, *_ in RUNS]  # the table follows RUNS; extra runs (wall-time baseline) go last
+    names = sorted(records, key=lambda n: order.index(n) if n in order else len(order))
+    records = {n: sorted(records[n], key=lambda r: r["seed"]) for n in names if records[n]}
     best = _best_distilled(records)
     if best is not None and "baseline" in records and not (args.only or args.report_only or args.quick):
         # the baseline given the wall time of the best distilled run: a distillation step costs more, so the fair
