@@ -172,6 +172,8 @@ def aggregate(records: list[dict[str, Any]], teacher_ap: float, baseline_ap: Opt
         out[key] = statistics.mean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     out["train_time_s"] = statistics.mean(r["train_time_s"] for r in records)
+    if baseline_ap is not None:
+        out["delta_AP"] = out["AP"] - baseline_ap
     if baseline_ap is not None and teacher_ap > baseline_ap:
         out["gap_closed"] = (out["AP"] - baseline_ap) / (teacher_ap - baseline_ap)
     return out
@@ -192,15 +194,16 @@ def to_markdown(results: dict[str, Any]) -> str:
             for o in results.get("other_teachers", {}).values()
         ],
         "",
-        "| run | seeds | AP | AP50 | APs | gap closed | train time / run |",
-        "|---|---|---|---|---|---|---|",
+        "| run | seeds | AP | AP50 | APs | AP - baseline | gap closed | train time / run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["runs"].items():
         gap = f"{100 * r['gap_closed']:.0f} %" if "gap_closed" in r else "—"
+        delta = f"{100 * r['delta_AP']:+.1f}" if "delta_AP" in r else "—"
         lines.append(
             f"| {name} | {len(r['seeds'])} | {100 * r['AP']:.1f} ± {100 * r['AP_std']:.1f} | "
             f"{100 * r['AP50']:.1f} ± {100 * r['AP50_std']:.1f} | {100 * r['APs']:.1f} ± {100 * r['APs_std']:.1f} | "
-            f"{gap} | {r['train_time_s'] / 60:.1f} min |"
+            f"{delta} | {gap} | {r['train_time_s'] / 60:.1f} min |"
         )
     return "\n".join(lines) + "\n"
 

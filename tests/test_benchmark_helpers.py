@@ -62,6 +62,7 @@ def test_gap_closed_and_spread(accuracy):
     assert out["AP"] == pytest.approx(0.25)
     assert out["AP_std"] == pytest.approx(0.0707107, rel=1e-5)  # sample standard deviation
     assert out["gap_closed"] == pytest.approx(0.05 / 0.25)
+    assert out["delta_AP"] == pytest.approx(0.05)
     assert "gap_closed" not in accuracy.aggregate(records, teacher_ap=0.1, baseline_ap=0.2)  # no gap: no ratio
 
 
