@@ -50,12 +50,13 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("defeat", "defeat.yaml", 2, 0),
     ("gid", "gid.yaml", 2, 0),
     ("attention", "attention.yaml", 2, 0),
-    ("fgd", "fgd.yaml", 2, 1),
+    ("fgd", "fgd.yaml", 2, 0),
     ("pkd", "pkd.yaml", 2, 1),
-    ("cwd", "cwd.yaml", 2, 0),
+    ("cwd", "cwd.yaml", 2, 1),
     ("pseudo_label", "pseudo_label.yaml", 2, 0),
-    ("logit_kd", "logit_kd.yaml", 2, 0),
-    ("best_combination", "combo.yaml", 2, 1),
+    ("logit_kd", "logit_kd.yaml", 2, 1),
+    ("fgd_logit_kd", "combo.yaml", 2, 0),  # a combination fixed before any run
+    ("cwd_logit_kd", "combo_cwd.yaml", 2, 0),  # the best feature + the best head method of the single runs
     ("hetero_baseline_fcos", "hetero_fcos_baseline.yaml", 2, 0),
     ("hetero_retinanet_to_fcos", "hetero_fcos.yaml", 2, 0),
     ("hetero_fcos_to_retinanet", "hetero_fcos_to_retinanet.yaml", 2, 0),

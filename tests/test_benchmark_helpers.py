@@ -74,7 +74,7 @@ def test_every_benchmark_recipe_loads(accuracy):
 
 def test_schedule_seed_by_seed_then_top_methods_then_wall_time_baseline(accuracy, tmp_path, monkeypatch):
     calls, teachers_seen = [], {}
-    ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "best_combination": 0.30, "fgd": 0.15}
+    ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "fgd_logit_kd": 0.30, "fgd": 0.15}
 
     def fake_run_student(name, recipe, seed, teacher_ckpt, opts, tag):
         calls.append((name, seed, tuple(opts)))
@@ -97,12 +97,12 @@ def test_schedule_seed_by_seed_then_top_methods_then_wall_time_baseline(accuracy
     first_pass = [c for c in calls if c[0] in {n for n, *_ in accuracy.RUNS}][: 2 * len(accuracy.RUNS)]
     assert [seed for _, seed, _ in first_pass] == [0] * len(accuracy.RUNS) + [1] * len(accuracy.RUNS)
     third = {name for name, seed, _ in calls if seed == 2}
-    assert third == {"baseline", "pkd", "logit_kd", "best_combination"}  # the baseline and the top 3
+    assert third == {"baseline", "pkd", "logit_kd", "fgd_logit_kd"}  # the baseline and the top 3
     wall = [c for c in calls if c[0].startswith("baseline_same_wall_time")]
-    assert [c[0] for c in wall] == ["baseline_same_wall_time_as_best_combination"] * 2
+    assert [c[0] for c in wall] == ["baseline_same_wall_time_as_fgd_logit_kd"] * 2
     assert "train.max_iters=900" in wall[0][2]  # 600 steps x 150 s / 100 s
     results = json.loads((tmp_path / "accuracy.json").read_text())
-    assert results["runs"]["best_combination"]["gap_closed"] == pytest.approx((0.30 - 0.10) / (0.5 - 0.10))
+    assert results["runs"]["fgd_logit_kd"]["gap_closed"] == pytest.approx((0.30 - 0.10) / (0.5 - 0.10))
     # the FCOS -> RetinaNet pair learns from its own teacher and is measured against that teacher's AP
     assert teachers_seen["hetero_fcos_to_retinanet"] == "full_teacher_fcos.pth"
     assert teachers_seen["pkd"] == "full_teacher.pth"
