@@ -124,16 +124,22 @@ def _export_last_weights(work: Path) -> None:
     torch.save({"model": ckpt["model"]}, work / "last_weights.pth")
 
 
+def is_distill_recipe(path: Path) -> bool:
+    """Whether a recipe has a teacher. Called first from the main thread (see ``main``): the worker threads must not
+    import detkd/torchvision for the first time concurrently, or one of them sees a partially initialised module."""
+    sys.path.insert(0, str(REPO))
+    from detkd.config import load_config
+
+    return load_config(path).teacher is not None
+
+
 def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list[str], tag: str) -> dict[str, Any]:
     record_path = RESULTS / "runs" / f"{tag}_{name}_s{seed}.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
     work = REPO / "work_dirs" / "bench" / f"{tag}_{name}_s{seed}"
     path = BENCH_CFG / recipe
-    sys.path.insert(0, str(REPO))
-    from detkd.config import load_config
-
-    is_distill = load_config(path).teacher is not None
+    is_distill = is_distill_recipe(path)
     run_opts = [f"train.seed={seed}", "eval.interval=0", *opts]
     if is_distill:
         run_opts.append(f"teacher.checkpoint={teacher_ckpt}")
@@ -255,6 +261,8 @@ def main() -> None:
 
     def run_all(batch: list[tuple[str, str, int, list[str]]]) -> None:
         """Run (name, recipe, seed, opts) jobs ``jobs`` at a time; a failed run is reported, the others go on."""
+        for recipe in {r for _, r, _, _ in batch}:  # imports and config checks in this thread, before the workers
+            is_distill_recipe(BENCH_CFG / recipe)
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(run_student, n, r, s, teacher_of(n)["checkpoint"], o, tag) for n, r, s, o in batch]
             for (name, _, seed, _), future in zip(batch, futures):
