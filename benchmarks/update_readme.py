@@ -52,7 +52,8 @@ def build() -> str:
         "are kept in `benchmarks/results/runs/` and skipped). Pair: RetinaNet R50-FPN256 teacher (2,400 steps) -> "
         "RetinaNet R18-FPN64 student (600 steps of batch 8, AdamW, from scratch) on 1,600 / 400 synthetic images at "
         "128 px (`configs/bench/`). Gap closed = (AP_distilled - AP_baseline) / (AP_teacher - AP_baseline); the "
-        "`hetero_*` rows use their own baseline or teacher (see the notes below the tables).",
+        "`hetero_*` rows use their own baseline or teacher, and `baseline_same_wall_time_as_<best>` is the baseline "
+        "trained for as long (in time) as the best distilled run (see the notes below the tables).",
     )
     lines += section(
         "Accuracy, quick mode",
