@@ -191,7 +191,9 @@ def to_markdown(results: dict[str, Any]) -> str:
     t = results["teacher"]
     lines = [
         *([f"**{meta['note']}**", ""] if meta.get("note") else []),
-        f"Command: `{meta['command']}` on {meta['machine']}; {meta['total_wall_h']:.2f} h of runs in total. "
+        f"Command: `{meta['command']}` on {meta['machine']}; {meta['total_wall_h']:.2f} h of runs in total, "
+        f"about {meta['elapsed_h_estimate']:.2f} h elapsed (teachers alone, then the students {meta['jobs']} at a "
+        "time). "
         f"Student init: {meta['student_init']}. AP after the last epoch on the val split, mean ± std over seeds.",
         "",
         f"Teacher {t['recipe']}: AP {100 * t['AP']:.1f} (trained once, {t['wall_s'] / 60:.0f} min).",
@@ -308,15 +310,17 @@ def main() -> None:
         return aggregate(records[base_name], 0.0, None)["AP"] if base_name in records else None
 
     runs = {name: aggregate(rs, teacher_of(name)["AP"], reference(name)) for name, rs in records.items()}
+    student_s = sum(r["wall_s"] for rs in records.values() for r in rs)
+    teacher_s = sum(t["wall_s"] for t in teachers.values())
     results = {
         "meta": {
             "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + f" --jobs {jobs}",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
             "student_init": "scratch (same seed -> same initial weights for every method)",
-            "total_wall_h": (
-                sum(r["wall_s"] for rs in records.values() for r in rs) + sum(t["wall_s"] for t in teachers.values())
-            )
-            / 3600,
+            "total_wall_h": (student_s + teacher_s) / 3600,
+            # the teachers train alone, the students ``jobs`` at a time: the elapsed time of one uninterrupted run
+            "elapsed_h_estimate": (student_s / jobs + teacher_s) / 3600,
+            "jobs": jobs,
             "this_invocation_s": time.time() - start,
             "date": time.strftime("%Y-%m-%d"),
         },

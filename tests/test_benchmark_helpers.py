@@ -102,6 +102,11 @@ def test_schedule_seed_by_seed_then_top_methods_then_wall_time_baseline(accuracy
     assert [c[0] for c in wall] == ["baseline_same_wall_time_as_fgd_logit_kd"] * 2
     assert "train.max_iters=900" in wall[0][2]  # 600 steps x 150 s / 100 s
     results = json.loads((tmp_path / "accuracy.json").read_text())
+    meta = results["meta"]
+    student_s = sum(100.0 if c[0] == "baseline" else 150.0 for c in calls)  # as fake_run_student
+    assert meta["total_wall_h"] == pytest.approx((student_s + 2.0) / 3600)  # two teachers of 1 s each
+    assert meta["elapsed_h_estimate"] == pytest.approx(meta["total_wall_h"])  # --jobs 1: nothing runs side by side
+    assert f"about {meta['elapsed_h_estimate']:.2f} h elapsed" in (tmp_path / "accuracy.md").read_text()
     assert results["runs"]["fgd_logit_kd"]["gap_closed"] == pytest.approx((0.30 - 0.10) / (0.5 - 0.10))
     # the FCOS -> RetinaNet pair learns from its own teacher and is measured against that teacher's AP
     assert teachers_seen["hetero_fcos_to_retinanet"] == "full_teacher_fcos.pth"
