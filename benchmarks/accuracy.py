@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import math
 import os
@@ -124,9 +125,11 @@ def _export_last_weights(work: Path) -> None:
     torch.save({"model": ckpt["model"]}, work / "last_weights.pth")
 
 
+@functools.cache
 def is_distill_recipe(path: Path) -> bool:
-    """Whether a recipe has a teacher. Called first from the main thread (see ``main``): the worker threads must not
-    import detkd/torchvision for the first time concurrently, or one of them sees a partially initialised module."""
+    """Whether a recipe has a teacher. Answered once per recipe, from the main thread (see ``run_all``): the worker
+    threads must not import detkd/torchvision for the first time concurrently, or one of them sees a partially
+    initialised module; they only read the cached answer."""
     sys.path.insert(0, str(REPO))
     from detkd.config import load_config
 
