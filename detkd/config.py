@@ -213,9 +213,12 @@ class LogCfg:
 @dataclass(frozen=True)
 class ReportCfg:
     """What ``train_distill.py`` shows at the end: the teacher/student table, and mask pictures of the first
-    ``mask_images`` val images (0 = none), written to ``<work_dir>/mask_vis``."""
+    ``mask_images`` val images (0 = none), written to ``<work_dir>/mask_vis``. ``baseline``: also train the student
+    alone (same data, schedule, seed and initial weights, no distillation) into ``<work_dir>/baseline`` and add it as
+    the ``student (baseline)`` row."""
 
     mask_images: int = 0
+    baseline: bool = False
 
 
 @dataclass(frozen=True)
