@@ -7,9 +7,10 @@ nested mappings merge key by key (lists and scalars are replaced whole). Command
 
 The merged mapping is converted into the dataclasses below. Every problem is reported as a single
 :class:`ConfigError` paragraph naming the file that set the key, the dotted key and the accepted keys or values:
-an unknown key, a wrong type, a missing required key, or a ``type:`` that names no registered transform or loss.
-Loss and transform parameters are validated against the keyword arguments of the registered constructor, so the
-constructor's signature is the only schema for them.
+an unknown key, a wrong type, a missing required key, a number outside its range (:data:`RANGES`, listed by
+:func:`describe_ranges`), or a ``type:`` that names no registered transform or loss. Loss and transform parameters
+are validated against the keyword arguments of the registered constructor, so the constructor's signature is the
+only schema for them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import yaml
 
+from detkd.errors import ConfigError
+
 OPTS_SOURCE = "--opts"
 
-
-class ConfigError(ValueError):
-    """A recipe problem; the message names the file, the dotted key and what is accepted."""
-
+__all__ = ["Config", "ConfigError", "RANGES", "describe_ranges", "load_config", "config_from_dict", "config_to_dict"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Schema
@@ -190,6 +190,9 @@ class TrainCfg:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_iters: Optional[int] = None  # stop after this many iterations in total (smoke runs, benchmarks)
     log_interval: int = 20
+    # DistributedDataParallel's find_unused_parameters: only for a recipe whose step leaves some trainable
+    # parameter without a gradient (it costs a graph traversal every step)
+    find_unused_parameters: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,12 +216,9 @@ class LogCfg:
 @dataclass(frozen=True)
 class ReportCfg:
     """What ``train_distill.py`` shows at the end: the teacher/student table, and mask pictures of the first
-    ``mask_images`` val images (0 = none), written to ``<work_dir>/mask_vis``. ``baseline``: also train the student
-    alone (same data, schedule, seed and initial weights, no distillation) into ``<work_dir>/baseline`` and add it as
-    the ``student (baseline)`` row."""
+    ``mask_images`` val images (0 = none), written to ``<work_dir>/mask_vis``."""
 
     mask_images: int = 0
-    baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -381,11 +381,6 @@ def dump_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
     os.replace(tmp, path)
 
 
-def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` re-exported for frozen configs."""
-    return dataclasses.replace(cfg, **changes)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: mapping -> dataclasses
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,12 +429,14 @@ def _convert(tp: Any, value: Any, dotted: str, ctx: _Context) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error (an unknown key deep inside) is the message
+            return _convert(candidates[0], value, dotted, ctx)
+        for arg in candidates:
             try:
                 return _convert(arg, value, dotted, ctx)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                continue
         raise ctx.error(dotted, f"must be {_type_name(tp)}, got {value!r}.")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -495,6 +492,7 @@ def _convert_dataclass(cls: type, value: Any, dotted: str, ctx: _Context) -> Any
     for name, f in fields.items():
         if name in value:
             kwargs[name] = _convert(hints[name], value[name], _join(dotted, name), ctx)
+            _check_range(cls, name, kwargs[name], _join(dotted, name), ctx)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(
                 f"{ctx.file_of(dotted)}: missing required key '{_join(dotted, name)}' "
@@ -582,6 +580,122 @@ def _check_val_transforms(cfg: Config, ctx: _Context) -> None:
         scale_of(steps, (100, 100))
     except ValueError as err:
         raise ctx.error("data.transforms.val", f"{err} Evaluation needs fixed geometry (resize, letterbox).") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numeric ranges, checked at load (a field not listed here is not a number, or every value is meaningful)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """``lo <= x <= hi`` (``<`` on an open end); ``None`` = unbounded. Applies to each item of a list field."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, x: float) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def _at_least(lo: float) -> Range:
+    return Range(lo)
+
+
+_POSITIVE = Range(0, lo_open=True)
+_NON_NEGATIVE = Range(0)
+_UNIT = Range(0, 1)
+
+# (class name, field) -> valid range; a subclass inherits its bases' ranges (TeacherCfg/StudentCfg from ModelCfg)
+RANGES: dict[tuple[str, str], Range] = {
+    ("UnlabeledCfg", "ratio"): _POSITIVE,
+    ("SyntheticCfg", "num_train"): _at_least(1),
+    ("SyntheticCfg", "num_val"): _at_least(1),
+    ("SyntheticCfg", "size"): _at_least(16),
+    ("SyntheticCfg", "seed"): _NON_NEGATIVE,
+    ("SyntheticCfg", "min_object_size"): _at_least(2),
+    ("SyntheticCfg", "clutter"): _NON_NEGATIVE,
+    ("TransformsCfg", "min_visibility"): _UNIT,
+    ("DataCfg", "batch_size"): _at_least(1),
+    ("DataCfg", "num_workers"): _NON_NEGATIVE,
+    ("ModelCfg", "fpn_channels"): _at_least(1),
+    ("ModelCfg", "min_size"): _at_least(16),
+    ("ModelCfg", "max_size"): _at_least(16),
+    ("ModelCfg", "score_thresh"): _UNIT,
+    ("ModelCfg", "nms_thresh"): _UNIT,
+    ("ModelCfg", "detections_per_img"): _at_least(1),
+    ("ModelCfg", "anchor_sizes"): _at_least(1),
+    ("LossCfg", "weight"): _NON_NEGATIVE,
+    ("TeacherCheckCfg", "num_images"): _at_least(1),
+    ("TeacherCheckCfg", "min_ap"): _UNIT,
+    ("OptimizerCfg", "lr"): _POSITIVE,
+    ("OptimizerCfg", "momentum"): Range(0, 1, hi_open=True),
+    ("OptimizerCfg", "weight_decay"): _NON_NEGATIVE,
+    ("OptimizerCfg", "betas"): Range(0, 1, hi_open=True),
+    ("ScheduleCfg", "milestones"): _at_least(1),
+    ("ScheduleCfg", "gamma"): _POSITIVE,
+    ("ScheduleCfg", "min_lr_ratio"): _UNIT,
+    ("TrainCfg", "epochs"): _at_least(1),
+    ("TrainCfg", "warmup_iters"): _NON_NEGATIVE,
+    ("TrainCfg", "warmup_factor"): Range(0, 1, lo_open=True),
+    ("TrainCfg", "grad_clip"): _POSITIVE,
+    ("TrainCfg", "seed"): _NON_NEGATIVE,
+    ("TrainCfg", "max_iters"): _at_least(1),
+    ("TrainCfg", "log_interval"): _at_least(1),
+    ("EvalCfg", "interval"): _NON_NEGATIVE,
+    ("EvalCfg", "max_images"): _at_least(1),
+    ("EvalCfg", "batch_size"): _at_least(1),
+    ("CheckpointCfg", "interval"): _NON_NEGATIVE,
+    ("LogCfg", "mask_images_every"): _at_least(1),
+    ("ReportCfg", "mask_images"): _NON_NEGATIVE,
+}
+
+
+def _range_of(cls: type, name: str) -> Optional[Range]:
+    for klass in cls.__mro__:
+        found = RANGES.get((klass.__name__, name))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_range(cls: type, name: str, value: Any, dotted: str, ctx: _Context) -> None:
+    valid = _range_of(cls, name)
+    if valid is None or value is None:
+        return
+    items = list(enumerate(value)) if isinstance(value, tuple) else [(None, value)]
+    for i, x in items:
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and not valid.contains(x):
+            key = dotted if i is None else f"{dotted}.{i}"
+            raise ctx.error(key, f"must be {valid}, got {x!r}.")
+
+
+def describe_ranges() -> list[tuple[str, str]]:
+    """``(dotted key, range)`` for every range-checked field (the README's table), in schema order."""
+    sections = {
+        "data.unlabeled": UnlabeledCfg, "data.synthetic": SyntheticCfg, "data.transforms": TransformsCfg,
+        "data": DataCfg, "model / teacher / student": ModelCfg, "distill.features[] / distill.head[]": LossCfg,
+        "distill.teacher_check": TeacherCheckCfg, "train.optimizer": OptimizerCfg, "train.schedule": ScheduleCfg,
+        "train": TrainCfg, "eval": EvalCfg, "checkpoint": CheckpointCfg, "log": LogCfg, "report": ReportCfg,
+    }  # fmt: skip
+    rows = []
+    for prefix, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            valid = _range_of(cls, f.name)
+            if valid is not None:
+                rows.append((f"{prefix}.{f.name}", str(valid)))
+    return rows
 
 
 def _join(prefix: str, key: str) -> str:
