@@ -28,6 +28,8 @@ import yaml
 
 from detkd.errors import ConfigError
 
+from detkd.models.spec import DetectorSpec
+
 OPTS_SOURCE = "--opts"
 
 __all__ = ["Config", "ConfigError", "RANGES", "describe_ranges", "load_config", "config_from_dict", "config_to_dict"]
@@ -95,22 +97,9 @@ class DataCfg:
 
 
 @dataclass(frozen=True)
-class ModelCfg:
-    """A torchvision detector; the fields are the keyword arguments of ``detkd.models.build.build_detector``."""
-
-    arch: str
-    backbone: str
-    fpn_channels: int = 256
-    min_size: int = 128
-    max_size: int = 128
-    weights: Optional[str] = None
-    weights_backbone: Optional[str] = None
-    checkpoint: Optional[str] = None
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    anchor_sizes: Optional[tuple[int, ...]] = None
-    norm: Literal["bn", "frozen_bn"] = "bn"
+class ModelCfg(DetectorSpec):
+    """A torchvision detector: the fields of :class:`detkd.models.spec.DetectorSpec`, the one parameter
+    specification that ``build_detector`` and every family's builder take (documented there)."""
 
 
 @dataclass(frozen=True)
@@ -216,9 +205,12 @@ class LogCfg:
 @dataclass(frozen=True)
 class ReportCfg:
     """What ``train_distill.py`` shows at the end: the teacher/student table, and mask pictures of the first
-    ``mask_images`` val images (0 = none), written to ``<work_dir>/mask_vis``."""
+    ``mask_images`` val images (0 = none), written to ``<work_dir>/mask_vis``. ``baseline``: also train the student
+    alone (same data, schedule, seed and initial weights, no distillation) into ``<work_dir>/baseline`` and add it as
+    the ``student (baseline)`` row."""
 
     mask_images: int = 0
+    baseline: bool = False
 
 
 @dataclass(frozen=True)

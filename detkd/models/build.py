@@ -44,8 +44,6 @@ torch hub cache first, so a file copied into the cache works offline. ``checkpoi
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -67,18 +65,17 @@ from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNe
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detkd.models.families import FAMILIES, DetectorFamily, family_of, get_family, list_families, register_family
+from detkd.models.spec import DetectorSpec, to_spec
+
 StateDict = Mapping[str, torch.Tensor]
 
 NORMS = ("bn", "frozen_bn")
-NON_BUILD_FIELDS = ("train_if_missing", "train_opts", "init")
-"""Config fields that belong to the recipe (training a missing teacher, student initialisation), not to the detector."""
 
 DENSE_STRIDES = (8, 16, 32, 64, 128)  # RetinaNet / FCOS: P3-P7
 RCNN_STRIDES = (4, 8, 16, 32, 64)  # Faster R-CNN: P2-P5 + pool
 SSD_STRIDES = (16, 32, 64, 128, 256, 512)  # SSDLite: C4 expansion, C5, four extra blocks
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-CLASS_DEPENDENT_PREFIXES = ("head.classification_head.", "roi_heads.box_predictor.")
-"""State-dict prefixes whose shape depends on ``num_classes`` (skipped when pretrained detector weights differ)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,52 +223,37 @@ def _base_sizes(anchor_sizes: Optional[Sequence[float]], strides: Sequence[int],
     return sizes
 
 
-def build_retinanet(
-    backbone: str,
-    num_classes: int,
-    fpn_channels: int = 256,
-    min_size: int = 128,
-    max_size: int = 128,
-    norm: str = "bn",
-    anchor_sizes: Optional[Sequence[float]] = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    backbone_state_dict: Optional[StateDict] = None,
-) -> RetinaNet:
+def build_retinanet(spec: DetectorSpec, num_classes: int, backbone_state_dict: Optional[StateDict] = None) -> RetinaNet:
     """RetinaNet on P3-P7 with 9 anchors per location (sizes: see the module docstring).
 
-    Args:
-        backbone: a key of :data:`BACKBONES`.
-        num_classes: ``K + 1`` (class 0 is background and never positive).
-        fpn_channels: FPN width.
-        min_size: torchvision transform ``min_size``.
-        max_size: torchvision transform ``max_size``.
-        norm: ``"bn"`` or ``"frozen_bn"``.
-        anchor_sizes: five base sizes in pixels (default ``2 * stride``).
-        score_thresh: score threshold of the post-processing.
-        nms_thresh: NMS IoU threshold.
-        detections_per_img: detections kept per image.
-        backbone_state_dict: optional ImageNet weights of the backbone.
+    Every builder takes the same arguments: the :class:`~detkd.models.spec.DetectorSpec` (``backbone``,
+    ``fpn_channels``, ``min_size``/``max_size``, ``norm``, ``anchor_sizes``, the post-processing ``score_thresh``,
+    ``nms_thresh``, ``detections_per_img``), ``num_classes = K + 1`` (class 0 is background and never positive) and
+    the optional ImageNet weights of the backbone.
 
     Returns:
         ``torchvision.models.detection.RetinaNet``.
     """
-    bases = _base_sizes(anchor_sizes, DENSE_STRIDES, "retinanet")
+    bases = _base_sizes(spec.anchor_sizes, DENSE_STRIDES, "retinanet")
     sizes = tuple(tuple(int(b * 2 ** (i / 3)) for i in range(3)) for b in bases)
     anchor_gen = AnchorGenerator(sizes, (ASPECT_RATIOS,) * len(sizes))
-    body = build_fpn_backbone(
-        backbone, DENSE_STRIDES[:3], fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels), norm, backbone_state_dict
-    )
     return RetinaNet(
-        body,
+        _dense_fpn(spec, backbone_state_dict),
         num_classes,
-        min_size=min_size,
-        max_size=max_size,
+        min_size=spec.min_size,
+        max_size=spec.max_size,
         anchor_generator=anchor_gen,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
+        score_thresh=spec.score_thresh,
+        nms_thresh=spec.nms_thresh,
+        detections_per_img=spec.detections_per_img,
+    )
+
+
+def _dense_fpn(spec: DetectorSpec, backbone_state_dict: Optional[StateDict]) -> BackboneWithFPN:
+    """P3-P5 from the backbone + P6/P7 from P5 (RetinaNet and FCOS)."""
+    extra = LastLevelP6P7(spec.fpn_channels, spec.fpn_channels)
+    return build_fpn_backbone(
+        spec.backbone, DENSE_STRIDES[:3], spec.fpn_channels, extra, spec.norm, backbone_state_dict
     )
 
 
@@ -287,19 +269,7 @@ def _fcos_groups(channels: int) -> int:
     return max(valid)
 
 
-def build_fcos(
-    backbone: str,
-    num_classes: int,
-    fpn_channels: int = 256,
-    min_size: int = 128,
-    max_size: int = 128,
-    norm: str = "bn",
-    anchor_sizes: Optional[Sequence[float]] = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    backbone_state_dict: Optional[StateDict] = None,
-) -> FCOS:
+def build_fcos(spec: DetectorSpec, num_classes: int, backbone_state_dict: Optional[StateDict] = None) -> FCOS:
     """FCOS on P3-P7 (one point per location; regression ranges and sampling radius: see the module docstring).
 
     The FCOS head normalises with torchvision's ``GroupNorm(32)`` when every group keeps at least 2 channels
@@ -309,12 +279,11 @@ def build_fcos(
     Returns:
         ``torchvision.models.detection.FCOS``.
     """
-    bases = _base_sizes(anchor_sizes, DENSE_STRIDES, "fcos")
+    bases = _base_sizes(spec.anchor_sizes, DENSE_STRIDES, "fcos")
     points = [b / 4.0 for b in bases]
     anchor_gen = AnchorGenerator(tuple((p,) for p in points), ((1.0,),) * len(points))
-    body = build_fpn_backbone(
-        backbone, DENSE_STRIDES[:3], fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels), norm, backbone_state_dict
-    )
+    body = _dense_fpn(spec, backbone_state_dict)
+    fpn_channels = spec.fpn_channels
     groups = _fcos_groups(fpn_channels)
     if groups == 32:
         head = FCOSHead(fpn_channels, 1, num_classes)
@@ -326,29 +295,19 @@ def build_fcos(
     return FCOS(
         body,
         num_classes,
-        min_size=min_size,
-        max_size=max_size,
+        min_size=spec.min_size,
+        max_size=spec.max_size,
         anchor_generator=anchor_gen,
         head=head,
         center_sampling_radius=1.5 * DENSE_STRIDES[0] / points[0],
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
+        score_thresh=spec.score_thresh,
+        nms_thresh=spec.nms_thresh,
+        detections_per_img=spec.detections_per_img,
     )
 
 
 def build_faster_rcnn(
-    backbone: str,
-    num_classes: int,
-    fpn_channels: int = 256,
-    min_size: int = 128,
-    max_size: int = 128,
-    norm: str = "bn",
-    anchor_sizes: Optional[Sequence[float]] = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    backbone_state_dict: Optional[StateDict] = None,
+    spec: DetectorSpec, num_classes: int, backbone_state_dict: Optional[StateDict] = None
 ) -> FasterRCNN:
     """Faster R-CNN on P2-P5 + pool with 3 RPN anchors per location and torchvision's two-layer MLP box head.
 
@@ -359,37 +318,27 @@ def build_faster_rcnn(
     Returns:
         ``torchvision.models.detection.FasterRCNN``.
     """
-    bases = _base_sizes(anchor_sizes, RCNN_STRIDES, "faster_rcnn")
+    bases = _base_sizes(spec.anchor_sizes, RCNN_STRIDES, "faster_rcnn")
     anchor_gen = AnchorGenerator(tuple((int(b),) for b in bases), (ASPECT_RATIOS,) * len(bases))
-    body = build_fpn_backbone(backbone, RCNN_STRIDES[:4], fpn_channels, LastLevelMaxPool(), norm, backbone_state_dict)
+    body = build_fpn_backbone(
+        spec.backbone, RCNN_STRIDES[:4], spec.fpn_channels, LastLevelMaxPool(), spec.norm, backbone_state_dict
+    )
     return FasterRCNN(
         body,
         num_classes,
-        min_size=min_size,
-        max_size=max_size,
+        min_size=spec.min_size,
+        max_size=spec.max_size,
         rpn_anchor_generator=anchor_gen,
         rpn_pre_nms_top_n_test=150,
         rpn_post_nms_top_n_test=150,
         rpn_score_thresh=0.05,
-        box_score_thresh=score_thresh,
-        box_nms_thresh=nms_thresh,
-        box_detections_per_img=detections_per_img,
+        box_score_thresh=spec.score_thresh,
+        box_nms_thresh=spec.nms_thresh,
+        box_detections_per_img=spec.detections_per_img,
     )
 
 
-def build_ssdlite(
-    backbone: str,
-    num_classes: int,
-    fpn_channels: int = 256,
-    min_size: int = 128,
-    max_size: int = 128,
-    norm: str = "bn",
-    anchor_sizes: Optional[Sequence[float]] = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    backbone_state_dict: Optional[StateDict] = None,
-) -> SSD:
+def build_ssdlite(spec: DetectorSpec, num_classes: int, backbone_state_dict: Optional[StateDict] = None) -> SSD:
     """SSDLite (torchvision's SSDLite320 layout) on a MobileNetV3 backbone, at a fixed square input of ``min_size``.
 
     The input is resized to ``(min_size, min_size)`` (SSD uses a fixed size; ``max_size`` and ``fpn_channels`` are
@@ -401,21 +350,22 @@ def build_ssdlite(
     Returns:
         ``torchvision.models.detection.SSD`` with an ``SSDLiteHead``.
     """
-    info = _backbone_info(backbone)
+    info = _backbone_info(spec.backbone)
     if info.family != "mobilenet_v3":
         valid = ", ".join(n for n in list_backbones() if BACKBONES[n].family == "mobilenet_v3")
         raise ValueError(
-            f"detector 'ssdlite' does not support backbone '{backbone}'; valid backbones for ssdlite: {valid}"
+            f"detector 'ssdlite' does not support backbone '{spec.backbone}'; valid backbones for ssdlite: {valid}"
         )
-    features = build_classifier_backbone(backbone, norm, backbone_state_dict).features
+    min_size = spec.min_size
+    features = build_classifier_backbone(spec.backbone, spec.norm, backbone_state_dict).features
     c5_pos = max(i for i, b in enumerate(features) if getattr(b, "_is_cn", False))
     head_norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
     extractor = SSDLiteFeatureExtractorMobileNet(features, c5_pos, head_norm)
     out_channels = [m[-1].out_channels for m in extractor.features] + [m[-1].out_channels for m in extractor.extra]
-    if anchor_sizes is None:
+    if spec.anchor_sizes is None:
         anchor_gen = DefaultBoxGenerator([[2, 3] for _ in SSD_STRIDES], min_ratio=0.1, max_ratio=0.95)
     else:
-        scales = [b / min_size for b in _base_sizes(anchor_sizes, SSD_STRIDES, "ssdlite")] + [1.0]
+        scales = [b / min_size for b in _base_sizes(spec.anchor_sizes, SSD_STRIDES, "ssdlite")] + [1.0]
         anchor_gen = DefaultBoxGenerator([[2, 3] for _ in SSD_STRIDES], scales=scales)
     head = SSDLiteHead(out_channels, anchor_gen.num_anchors_per_location(), num_classes, head_norm)
     return SSD(
@@ -426,33 +376,53 @@ def build_ssdlite(
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         head=head,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
+        score_thresh=spec.score_thresh,
+        nms_thresh=spec.nms_thresh,
+        detections_per_img=spec.detections_per_img,
         topk_candidates=300,
     )
 
 
-DETECTORS: dict[str, Callable[..., nn.Module]] = {
-    "fcos": build_fcos,
-    "faster_rcnn": build_faster_rcnn,
-    "retinanet": build_retinanet,
-    "ssdlite": build_ssdlite,
-}
+def _decode_anchor_deltas(model: nn.Module, rel_codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    return model.box_coder.decode_single(rel_codes, anchors)  # RetinaNet's BoxCoder (dx, dy, dw, dh)
+
+
+def _decode_point_distances(model: nn.Module, rel_codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    return model.box_coder.decode(rel_codes, anchors)  # FCOS's BoxLinearCoder (l, t, r, b)
+
+
+register_family(
+    DetectorFamily(
+        "retinanet", RetinaNet, build_retinanet, DENSE_STRIDES, "dense", logit_kd=True,
+        class_dependent_prefixes=("head.classification_head.",), decode=_decode_anchor_deltas,
+    )
+)  # fmt: skip
+register_family(
+    DetectorFamily(
+        "fcos", FCOS, build_fcos, DENSE_STRIDES, "dense", logit_kd=True,
+        class_dependent_prefixes=("head.classification_head.",), decode=_decode_point_distances,
+    )
+)  # fmt: skip
+register_family(
+    DetectorFamily(
+        "faster_rcnn", FasterRCNN, build_faster_rcnn, RCNN_STRIDES, "two_stage",
+        class_dependent_prefixes=("roi_heads.box_predictor.",), anchor_attr="rpn.anchor_generator",
+    )
+)  # fmt: skip
+register_family(DetectorFamily("ssdlite", SSD, build_ssdlite, SSD_STRIDES, "ssd"))
+
+DETECTORS: Mapping[str, DetectorFamily] = FAMILIES
+"""The registered detector families by ``arch`` name (an alias of :data:`detkd.models.families.FAMILIES`)."""
 
 
 def list_detectors() -> list[str]:
     """Names of the registered detector architectures, sorted."""
-    return sorted(DETECTORS)
+    return list_families()
 
 
 def detector_family(model: nn.Module) -> str:
-    """``"retinanet"``, ``"fcos"``, ``"faster_rcnn"`` or ``"ssd"`` for a torchvision detector (DDP unwrapped)."""
-    model = getattr(model, "module", model)
-    for cls, family in ((RetinaNet, "retinanet"), (FCOS, "fcos"), (FasterRCNN, "faster_rcnn"), (SSD, "ssd")):
-        if isinstance(model, cls):
-            return family
-    raise TypeError(f"{type(model).__name__} is not a RetinaNet, FCOS, FasterRCNN or SSD detector")
+    """The registered family name (``"retinanet"``, ``"fcos"``, ``"faster_rcnn"``, ``"ssdlite"`` ...) of a detector."""
+    return family_of(model).name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -568,59 +538,38 @@ def load_detector_weights(model: nn.Module, path: Union[str, os.PathLike]) -> No
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_detector(
-    arch: str,
-    backbone: str,
-    num_classes: int,
-    fpn_channels: int = 256,
-    min_size: int = 128,
-    max_size: int = 128,
-    weights: Optional[str] = None,
-    weights_backbone: Optional[str] = None,
-    checkpoint: Optional[str] = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    anchor_sizes: Optional[Sequence[int]] = None,
-    norm: str = "bn",
-) -> nn.Module:
+def build_detector(arch: str, backbone: str, num_classes: int, **options: Any) -> nn.Module:
     """Build a torchvision detector by name and optionally load weights.
 
     Args:
-        arch: ``fcos``, ``faster_rcnn``, ``retinanet`` or ``ssdlite`` (see :func:`list_detectors`).
+        arch: a registered family (see :func:`list_detectors`).
         backbone: ``resnet18/34/50/101`` or ``mobilenet_v3_large/small`` (ssdlite: MobileNetV3 only).
         num_classes: ``K + 1`` for labels ``1..K`` (0 = background).
-        fpn_channels: FPN width (ignored by ssdlite).
-        min_size: torchvision transform ``min_size`` (ssdlite: the fixed square input side).
-        max_size: torchvision transform ``max_size``.
-        weights: torchvision detector weights, e.g. ``"RetinaNet_ResNet50_FPN_Weights.COCO_V1"``; they must match
-            the built layout (arch, backbone, ``fpn_channels=256``, 9/1/3 anchors per location); class-dependent
-            predictor layers whose shape differs (``num_classes != 91``) are skipped with a warning.
-        weights_backbone: torchvision ImageNet weights of the backbone, e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``;
-            ignored (with a warning) when ``weights`` is given.
-        checkpoint: path of a detector state_dict / detkd checkpoint, loaded last and strictly.
-        score_thresh: post-processing score threshold.
-        nms_thresh: post-processing NMS IoU threshold.
-        detections_per_img: detections kept per image.
-        anchor_sizes: base anchor size in pixels per level, fine to coarse; default ``2 * stride`` (module docstring).
-        norm: ``"bn"`` (trainable BatchNorm) or ``"frozen_bn"`` (``FrozenBatchNorm2d`` in the backbone).
+        **options: the other fields of :class:`~detkd.models.spec.DetectorSpec` (``fpn_channels``, ``min_size``,
+            ``max_size``, ``weights``, ``weights_backbone``, ``checkpoint``, ``score_thresh``, ``nms_thresh``,
+            ``detections_per_img``, ``anchor_sizes``, ``norm``), documented there.
 
     Returns:
         The detector, in train mode, all parameters trainable.
 
     Raises:
-        ValueError: unknown arch/backbone/norm/weights name, or an unsupported combination.
+        ValueError: unknown arch/backbone/norm/weights name or option, or an unsupported combination.
         RuntimeError: pretrained weights could not be downloaded, or a checkpoint does not fit.
         FileNotFoundError: ``checkpoint`` does not exist.
     """
-    if arch not in DETECTORS:
-        raise ValueError(f"unknown detector '{arch}'; valid: {', '.join(list_detectors())}")
-    info = _backbone_info(backbone)
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm '{norm}'; valid: {', '.join(NORMS)}")
+    return build_detector_from_spec(to_spec({"arch": arch, "backbone": backbone, **options}), num_classes)
+
+
+def build_detector_from_spec(spec: DetectorSpec, num_classes: int) -> nn.Module:
+    """:func:`build_detector` from a :class:`~detkd.models.spec.DetectorSpec`."""
+    family = get_family(spec.arch)
+    info = _backbone_info(spec.backbone)
+    if spec.norm not in NORMS:
+        raise ValueError(f"unknown norm '{spec.norm}'; valid: {', '.join(NORMS)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be K + 1 >= 2 (labels 1..K, 0 = background); got {num_classes}")
 
+    weights, weights_backbone = spec.weights, spec.weights_backbone
     det_weights = resolve_weights(weights) if weights is not None else None
     if det_weights is not None and "detection" not in type(det_weights).__module__:
         raise ValueError(f"weights '{weights}' are not detector weights; use weights_backbone for a classifier")
@@ -632,48 +581,23 @@ def build_detector(
         else:
             backbone_state = fetch_weights(bb_weights, weights_backbone)
 
-    model = DETECTORS[arch](
-        backbone,
-        num_classes,
-        fpn_channels=fpn_channels,
-        min_size=min_size,
-        max_size=max_size,
-        norm=norm,
-        anchor_sizes=anchor_sizes,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        backbone_state_dict=backbone_state,
-    )
+    model = family.builder(spec, num_classes, backbone_state)
     if det_weights is not None:
         state = fetch_weights(det_weights, weights)
-        skipped = _load_checked(model, state, f"weights '{weights}'", skip_prefixes=CLASS_DEPENDENT_PREFIXES)
+        skipped = _load_checked(model, state, f"weights '{weights}'", skip_prefixes=family.class_dependent_prefixes)
         if skipped:
             warnings.warn(f"weights '{weights}': class-dependent layers not loaded: {', '.join(skipped)}", stacklevel=2)
-    if checkpoint is not None:
-        load_detector_weights(model, checkpoint)
+    if spec.checkpoint is not None:
+        load_detector_weights(model, spec.checkpoint)
     return model
 
 
 def build_detector_from_cfg(cfg: Any, num_classes: int) -> nn.Module:
-    """:func:`build_detector` from a config dataclass (``detkd.config.ModelCfg`` and its subclasses).
-
-    Every field must be a keyword of :func:`build_detector` (other than ``num_classes``) or be listed in
-    :data:`NON_BUILD_FIELDS`; anything else is an error, never silently dropped.
+    """:func:`build_detector` from a config section (``detkd.config.ModelCfg`` and its subclasses, which extend
+    :class:`~detkd.models.spec.DetectorSpec` with recipe-only fields) or a mapping of spec fields.
 
     Args:
-        cfg: a dataclass instance (or a mapping) with the build fields.
+        cfg: the section.
         num_classes: ``K + 1``.
     """
-    fields = dict(cfg) if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
-    params = set(inspect.signature(build_detector).parameters) - {"num_classes"}
-    unknown = sorted(k for k in fields if k not in params and k not in NON_BUILD_FIELDS)
-    if unknown:
-        raise ValueError(
-            f"model config has fields build_detector does not accept: {', '.join(unknown)}; accepted: "
-            f"{', '.join(sorted(params))} (recipe-only fields: {', '.join(NON_BUILD_FIELDS)})"
-        )
-    kwargs = {k: v for k, v in fields.items() if k in params}
-    if kwargs.get("anchor_sizes") is not None:
-        kwargs["anchor_sizes"] = list(kwargs["anchor_sizes"])
-    return build_detector(num_classes=num_classes, **kwargs)
+    return build_detector_from_spec(to_spec(cfg), num_classes)
