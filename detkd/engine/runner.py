@@ -270,12 +270,17 @@ def train_distill(
         iter_callbacks=callbacks,
         show_progress=show_progress,
     )
+    init_ckpt = save_student_init(distiller.student, out) if cfg.report.baseline and not resume else None
     if resume:
         trainer.resume()
     start = time.time()
     state = trainer.fit(stop_after_epochs=stop_after_epochs)
+    wall_time_s = time.time() - start
     best = next((r for r in state.history if r.get("epoch") == state.best_epoch), {})
-    return {
+    baseline = None
+    if cfg.report.baseline and stop_after_epochs is None:
+        baseline = train_baseline_student(cfg, out, init_ckpt or out / STUDENT_INIT, resume, show_progress)
+    summary = {
         "teacher_train_s": teacher_run["wall_time_s"] if teacher_run else None,
         "student_metrics": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("val/")},
         "teacher_ap": teacher_metrics.get("AP", float("nan")),
@@ -284,22 +289,112 @@ def train_distill(
         "best_epoch": state.best_epoch,
         "best_checkpoint": str(out / "student_best.pth"),
         "last_checkpoint": str(out / "last.pth"),
-        "wall_time_s": time.time() - start,
+        "wall_time_s": wall_time_s,
         "iterations": state.iteration,
         "history": state.history,
         "distiller": distiller,
+        "baseline": baseline,
     }
+    if is_main_process():
+        summary["cost"] = measure_run_costs(cfg, summary, val_set[0][0])
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The end of train_distill: the baseline student and the compression report
+# ----------------------------------------------------------------------------------------------------------------
+
+STUDENT_INIT = "student_init.pth"
+LATENCY_THREADS = 1  # the final table's latency: one thread, so it does not depend on how busy the other core is
+
+
+def save_student_init(student: torch.nn.Module, out: Path) -> Path:
+    """The distilled student's initial weights, so that the baseline starts from exactly the same ones."""
+    path = out / STUDENT_INIT
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu().clone() for k, v in unwrap(student).state_dict().items()}, path)
+    barrier()
+    return path
+
+
+def baseline_config(cfg: Config, out: Path, init_ckpt: Path) -> Config:
+    """The recipe of the baseline row: the student alone, from the distilled student's initial weights, on the same
+    data, schedule and seed; no teacher, no distillation, no unlabelled images; trained into ``<out>/baseline``."""
+    import dataclasses
+
+    model = dataclasses.replace(cfg.student, checkpoint=str(init_ckpt))
+    return dataclasses.replace(
+        cfg,
+        model=model,
+        teacher=None,
+        student=None,
+        distill=None,
+        data=dataclasses.replace(cfg.data, unlabeled=None),
+        log=dataclasses.replace(cfg.log, mask_images_every=None),
+        report=dataclasses.replace(cfg.report, baseline=False, mask_images=0),
+        work_dir=str(out / "baseline"),
+        name=f"{cfg.name}_baseline",
+    )
+
+
+def train_baseline_student(
+    cfg: Config, out: Path, init_ckpt: Path, resume: bool, show_progress: bool
+) -> dict[str, Any]:
+    """Train the baseline student (:func:`baseline_config`); returns the :func:`train_detector` summary plus
+    ``metrics`` (the val metrics of its best epoch, chosen as for the distilled student)."""
+    if cfg.student.init != "scratch":
+        raise ValueError(
+            f"recipe '{cfg.name}': report.baseline trains the student from the distilled student's initial weights, "
+            f"which needs student.init: scratch (got '{cfg.student.init}')."
+        )
+    if not Path(init_ckpt).is_file():
+        raise FileNotFoundError(f"{init_ckpt} (the student's initial weights for the baseline run) does not exist.")
+    if is_main_process() and show_progress:
+        print("training the baseline student (same schedule, no distillation)")
+    base = baseline_config(cfg, out, Path(init_ckpt))
+    resume = resume and (out / "baseline" / "last.pth").is_file()
+    summary = train_detector(base, work_dir=base.work_dir, resume=resume, show_progress=show_progress)
+    best = next((r for r in summary["history"] if r.get("epoch") == summary["best_epoch"]), {})
+    summary["metrics"] = {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("val/")}
+    return summary
+
+
+def measure_run_costs(cfg: Config, summary: dict[str, Any], image: torch.Tensor) -> list:
+    """Cost rows (:class:`detkd.cost.ModelCost`) of the teacher, the baseline student (when trained) and the
+    distilled student, with their val metrics; latency on ``image`` with :data:`LATENCY_THREADS` thread(s)."""
+    from detkd.cost import measure_cost
+
+    distiller = summary["distiller"]
+    models = [("teacher", unwrap(distiller.teacher), summary["teacher_metrics"], cfg.teacher)]
+    if summary.get("baseline") is not None:
+        base = summary["baseline"]
+        models.append(("student (baseline)", unwrap(base["model"]), base["metrics"], cfg.student))
+    models.append(("student (distilled)", unwrap(distiller.student), summary["student_metrics"], cfg.student))
+    rows = []
+    for name, model, metrics, model_cfg in models:
+        device = next(model.parameters()).device
+        arch = f"{model_cfg.arch} {model_cfg.backbone} FPN{model_cfg.fpn_channels}"
+        rows.append(measure_cost(name, model, image, metrics, runs=20, warmup=3, threads=LATENCY_THREADS, arch=arch))
+        model.to(device)
+    return rows
 
 
 def format_final_table(summary: dict[str, Any]) -> str:
-    """The table ``train_distill.py`` ends with: teacher vs distilled student, AP and wall time."""
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    rows = [("teacher", summary["teacher_metrics"], summary.get("teacher_train_s")),
-            ("student (distilled)", summary["student_metrics"], summary["wall_time_s"])]  # fmt: skip
-    header = f"{'model':<22}" + "".join(f"{k:>7}" for k in keys) + f"{'train time':>12}"
-    lines = [header, "-" * len(header)]
-    for name, metrics, wall in rows:
-        values = "".join(f"{100 * metrics[k]:>7.1f}" if metrics.get(k, -1) >= 0 else f"{'-':>7}" for k in keys)
-        time_str = "(given)" if wall is None else f"{wall / 60:.1f} min"
-        lines.append(f"{name:<22}{values}{time_str:>12}")
+    """The table ``train_distill.py`` ends with: teacher, baseline student (``report.baseline``) and distilled
+    student with AP, AP50, params, GFLOPs, latency and train time, then the headline ratios (:mod:`detkd.cost`)."""
+    from detkd.cost import format_cost_table, headline
+
+    rows = summary["cost"]
+    times = {"teacher": summary.get("teacher_train_s"), "student (distilled)": summary["wall_time_s"]}
+    if summary.get("baseline") is not None:
+        times["student (baseline)"] = summary["baseline"]["wall_time_s"]
+    wall = ["(given)" if times.get(r.name) is None else f"{times[r.name] / 60:.1f} min" for r in rows]
+    lines = [format_cost_table(rows, extra=[("train time", wall), ("detector", [r.arch for r in rows])]), ""]
+    teacher, students = rows[0], rows[1:]
+    for row in students[::-1]:  # the distilled student first
+        lines.append(f"{row.name}: {headline(teacher, row)}")
+    if len(students) == 2 and students[0].ap is not None and students[1].ap is not None:
+        gain = 100 * (students[1].ap - students[0].ap)
+        lines.append(f"distillation adds {gain:+.1f} AP over the baseline student at the same schedule")
     return "\n".join(lines)
