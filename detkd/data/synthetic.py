@@ -50,6 +50,8 @@ __all__ = [
     "generate_synthetic_coco",
     "ensure_synthetic",
     "split_stats",
+    "PRESETS",
+    "preset_knobs",
 ]
 
 GENERATOR_VERSION = 1
@@ -63,6 +65,19 @@ EMPTY_PROBABILITY = 0.05
 MIN_IMAGE_SIZE = 16
 DEFAULT_MIN_OBJECT_SIZE = 8.0
 DEFAULT_CLUTTER = 1.0
+
+PRESETS: dict[str, dict[str, float]] = {
+    # the embedded default (make_synthetic.py with no knobs): objects from 8 px, full clutter; hard for a CPU
+    # teacher trained from scratch (benchmarks/results/notes.md)
+    "default": {"min_object_size": DEFAULT_MIN_OBJECT_SIZE, "clutter": DEFAULT_CLUTTER},
+    # the accuracy benchmark's setting (configs/bench/_base_/data.yaml)
+    "bench": {"min_object_size": 16.0, "clutter": 0.5},
+    # the quickstart's setting (configs/_base_/quickstart_data.yaml): large objects, little clutter, so a teacher
+    # trained for a few CPU minutes is already good
+    "quickstart": {"min_object_size": 24.0, "clutter": 0.25},
+}
+"""Named settings of the difficulty knobs (``min_object_size``, ``clutter``); README "Quickstart" and "Results"
+give the teacher AP each one yields."""
 
 CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "disc", "supercategory": "round"},
@@ -402,6 +417,17 @@ def render_sample(
         areas=visible.sum(axis=(1, 2)).astype(np.int64),
         visible_masks=visible,
     )
+
+
+def preset_knobs(name: str) -> dict[str, float]:
+    """The knobs of the preset ``name`` (a copy), e.g. ``{"min_object_size": 16.0, "clutter": 0.5}``.
+
+    Raises:
+        ValueError: unknown preset (the message lists the valid names).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown synthetic preset '{name}'; valid: {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[name])
 
 
 def _check_args(size: int, min_object_size: float, clutter: float) -> None:
