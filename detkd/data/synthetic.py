@@ -74,7 +74,7 @@ PRESETS: dict[str, dict[str, float]] = {
     "bench": {"min_object_size": 16.0, "clutter": 0.5},
     # the quickstart's setting (configs/_base_/quickstart_data.yaml): large objects, little clutter, so a teacher
     # trained for a few CPU minutes is already good
-    "quickstart": {"min_object_size": 24.0, "clutter": 0.25},
+    "quickstart": {"min_object_size": 32.0, "clutter": 0.25},
 }
 """Named settings of the difficulty knobs (``min_object_size``, ``clutter``); README "Quickstart" and "Results"
 give the teacher AP each one yields."""
