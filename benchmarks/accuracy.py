@@ -1,24 +1,31 @@
 """Accuracy benchmark: how much of the teacher-student gap does each detkd method close, on data anyone can make?
 
-Protocol (see the README's "Benchmarks" section and DESIGN.md):
+Protocol (regime v2; see the README's "Results" section and DESIGN.md "Benchmark protocol"):
 
-- data: the synthetic set of ``configs/bench/_base_/data.yaml`` (generated on first use, deterministic);
-- teacher: ``configs/bench/teacher.yaml`` (RetinaNet R50-FPN256, a longer schedule), trained once and cached;
-- student: ``configs/bench/student.yaml`` (RetinaNet R18-FPN64 from scratch), every method with the same schedule and
-  the same initialisation (same seed -> same initial weights), several seeds;
-- one heterogeneous pair: the RetinaNet teacher -> an FCOS R18 student (its gap is measured against the FCOS
-  baseline ``hetero_baseline_fcos``);
-- the baseline student is also trained for the same wall-clock time as the best distilled run (a distillation
-  step costs more), so the table says whether distillation beats simply training the student longer;
+- data: the synthetic set of ``configs/bench/_base_/data.yaml`` (preset ``bench``: objects from 16 px, clutter 0.5;
+  generated on first use, deterministic);
+- teacher: ``configs/bench/teacher.yaml`` (FCOS R34-FPN128 from scratch, 3,200 steps, a learning curve every
+  400 steps), trained once and cached; then the weights of the magnitude-dependent losses are measured for it
+  (``benchmarks/loss_scales.py --write``, a rule on a training batch, never on val);
+- **the regime check first**: the baseline student trained for the teacher's whole schedule must stay
+  ``MIN_GAP`` (10 AP) below the teacher (a capacity gap), and the teacher's last two evaluations must be within
+  1 AP (converged); the run stops there when the check fails (``--force`` goes on);
+- student: FCOS MobileNetV3-small-FPN32 from scratch, every method with the same schedule (600 steps) and the same
+  initialisation (same seed -> same initial weights), 2 seeds, then a third seed for the baseline and the top 3;
+- **equal wall time**: the baseline trained for as long as the best distilled run (a distillation step costs more);
+- **long schedule**: the student schedule x 4 for the baseline and the 2 best recipes (2 seeds each);
+- cost: params, GFLOPs and CPU latency of teacher and student (``tools/compare.py``, with the best run's student);
 - AP is the val AP after the **last** epoch (no checkpoint picking on the reported split).
 
-Every finished run is stored in ``benchmarks/results/runs/<run>.json`` and skipped when the script runs again, so
-the benchmark can be completed over several invocations. ``--quick`` trains its own short teacher and a few students
-on a short schedule (under 15 minutes on a 2-core CPU). ``--jobs N`` runs N trainings at a time, each with
-``cores / N`` threads (``OMP_NUM_THREADS``). Runs are scheduled seed by seed, so the first seeds of every method
-finish before the extra seeds. A failed run is reported and the others go on.
+Every finished run is stored in ``benchmarks/results/runs/<tag>_<run>_s<seed>.json`` and skipped when the script runs
+again, so the benchmark can be completed over several invocations (and the results of an interrupted invocation are
+kept). ``--plan`` prints the planned runs and the estimated elapsed time without training. ``--quick`` trains its
+own short teacher and a few students on a short schedule. ``--jobs N`` runs N trainings at a time, each with
+``cores / N`` threads (``OMP_NUM_THREADS``). A failed run is reported and the others go on.
 
     python benchmarks/accuracy.py --jobs 2            # full: results/accuracy.{json,md}
+    python benchmarks/accuracy.py --plan --jobs 2     # what is left, and how long it should take
+    python benchmarks/accuracy.py --report-only       # tabulate the stored runs (a partial table while it runs)
     python benchmarks/accuracy.py --quick --jobs 2    # results/accuracy_quick.{json,md}
 """
 
@@ -57,32 +64,43 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("pseudo_label", "pseudo_label.yaml", 2, 0),
     ("logit_kd", "logit_kd.yaml", 2, 1),
     ("fgd_logit_kd", "combo.yaml", 2, 0),  # a combination fixed before any run
-    ("cwd_logit_kd", "combo_cwd.yaml", 2, 0),  # the best feature + the best head method of the single runs
-    ("hetero_baseline_fcos", "hetero_fcos_baseline.yaml", 2, 0),
-    ("hetero_retinanet_to_fcos", "hetero_fcos.yaml", 2, 0),
-    ("hetero_fcos_to_retinanet", "hetero_fcos_to_retinanet.yaml", 2, 0),
+    ("cwd_logit_kd", "combo_cwd.yaml", 2, 0),  # the best feature + the best head method of the first regime
 ]
-# runs measured against another baseline than "baseline", or distilled from another teacher than teacher.yaml
-BASELINE_OF = {"hetero_retinanet_to_fcos": "hetero_baseline_fcos"}
-TEACHER_OF = {"hetero_fcos_to_retinanet": ("teacher_fcos.yaml", "teacher_fcos")}  # run -> (recipe, tag suffix)
+TAG = {"full": "v2", "quick": "v2quick"}  # run records of the first regime (RetinaNet R50 -> R18) are full_*/quick_*
+TEACHER_RECIPE = "teacher.yaml"
 TOP_K = 3  # the top distilled methods (by mean AP after the first pass) are run with MAX_SEEDS seeds
 MAX_SEEDS = 3
 WALL_TIME_SEEDS = 2
-QUICK_TEACHER_OPTS = ["train.epochs=3"]  # 600 teacher steps
+LONG_FACTOR = 4  # the long schedule: the student schedule x 4
+LONG_TOP = 2  # ... for the baseline and this many best recipes
+LONG_SEEDS = 2
+GAP_RUN = "baseline_teacher_schedule"  # the regime check: the baseline student on the teacher's whole schedule
+GAP_SEEDS = 2
+MIN_GAP = 0.10  # the teacher must stay this far (AP) above GAP_RUN
+CONVERGED_AP = 0.01  # the teacher's last two evaluations within this much AP
+# seconds per step (batch 8, one thread, two runs side by side) until stored runs give measured ones
+DEFAULT_STEP_S = {"student": 0.35, "distill": 0.9, "teacher": 0.8}
+QUICK_TEACHER_OPTS = ["train.epochs=3", "eval.interval=1"]  # 600 teacher steps
 QUICK_STUDENT_OPTS = ["train.epochs=1"]  # 200 student steps
 THREADS = {"per_run": None}  # set from --jobs in main()
 
 
-def run_tool(script: str, recipe: Path, work_dir: Path, opts: list[str], log: Path) -> float:
-    """Run a detkd tool in a fresh process (as a user would); returns its wall time. Output goes to ``log``."""
+def run_tool(
+    script: str, recipe: Path, work_dir: Path, opts: list[str], log: Path, extra: Optional[list[str]] = None
+) -> float:
+    """Run a detkd tool in a fresh process (as a user would); returns its wall time. Output goes to ``log``. A run
+    interrupted earlier (its ``last.pth`` exists) is resumed, not restarted (resume reproduces the uninterrupted
+    run)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if THREADS["per_run"]:
         env["OMP_NUM_THREADS"] = str(THREADS["per_run"])
+    if extra is None:
+        extra = ["--resume"] if (work_dir / "last.pth").is_file() else []
     cmd = [sys.executable, str(REPO / "tools" / script), "--cfg", str(recipe), "--work-dir", str(work_dir),
-           "--no-progress", "--opts", *opts]  # fmt: skip
+           "--no-progress", *extra, "--opts", *opts]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} {recipe.name} failed (exit {proc.returncode}); see {log}")
@@ -90,7 +108,7 @@ def run_tool(script: str, recipe: Path, work_dir: Path, opts: list[str], log: Pa
 
 
 def final_metrics(work_dir: Path) -> dict[str, Any]:
-    """The val metrics after the last epoch (from the run's metrics.jsonl)."""
+    """The val metrics after the last epoch (from the run's metrics.jsonl), the learning curve and the time."""
     records = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if r["type"] == "val"]
     trains = [r for r in records if r["type"] == "train"]
@@ -99,19 +117,31 @@ def final_metrics(work_dir: Path) -> dict[str, Any]:
     iters = trains[-1]["iter"] if trains else 0
     epochs = max(r["epoch"] for r in trains) + 1 if trains else 1
     per_step = (trains[-1]["time"] - trains[0]["time"]) / max(iters - trains[0]["iter"], 1) if trains else 0.0
-    return {**vals[-1], "iterations": iters, "iters_per_epoch": iters // epochs, "train_time_s": per_step * iters}
+    ipe = iters // epochs
+    curve = [[(r["epoch"] + 1) * ipe, r["AP"]] for r in vals]  # (steps, AP) of every evaluation
+    return {**vals[-1], "iterations": iters, "iters_per_epoch": ipe, "train_time_s": per_step * iters, "curve": curve,
+            "step_s": per_step}  # fmt: skip
+
+
+def converged(curve: list[list[float]]) -> Optional[bool]:
+    """Whether the last two evaluations of a learning curve are within :data:`CONVERGED_AP` (None: < 2 points)."""
+    if len(curve) < 2:
+        return None
+    return abs(curve[-1][1] - curve[-2][1]) <= CONVERGED_AP
 
 
 def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
-    """Train (once) and cache a teacher; returns its record (AP, wall time, checkpoint path)."""
+    """Train (once) and cache a teacher; returns its record (AP, curve, wall time, checkpoint path)."""
     record_path = RESULTS / "runs" / f"{tag}.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
     work = REPO / "work_dirs" / "bench" / tag
     print(f"[bench] training teacher {recipe} -> {work}", flush=True)
-    wall = run_tool("train.py", BENCH_CFG / recipe, work, opts, work / "stdout.log")  # the recipe's eval interval
+    resume = (work / "last.pth").is_file()  # an interrupted teacher goes on (run_tool resumes it)
+    wall = run_tool("train.py", BENCH_CFG / recipe, work, opts, work / "stdout.log")
     metrics = final_metrics(work)
-    record = {"run": tag, "recipe": recipe, "wall_s": wall, "checkpoint": str(work / "last_weights.pth"), **metrics}
+    record = {"run": tag, "recipe": recipe, "wall_s": wall, "checkpoint": str(work / "last_weights.pth"), **metrics,
+              "threads": THREADS["per_run"] or os.cpu_count(), "resumed": resume}  # fmt: skip
     _export_last_weights(work)
     _write_json(record_path, record)
     return record
@@ -125,6 +155,16 @@ def _export_last_weights(work: Path) -> None:
     torch.save({"model": ckpt["model"]}, work / "last_weights.pth")
 
 
+def ensure_loss_scales(teacher_ckpt: str) -> None:
+    """Measure the magnitude-dependent losses' weights for this teacher once (``loss_scales.py --write``)."""
+    path = RESULTS / "loss_scales.json"
+    if path.is_file() and json.loads(path.read_text()).get("teacher") == teacher_ckpt:
+        return
+    print(f"[bench] measuring the loss scales for {teacher_ckpt}", flush=True)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "loss_scales.py"), "--write", "--teacher", teacher_ckpt]
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL)
+
+
 @functools.cache
 def is_distill_recipe(path: Path) -> bool:
     """Whether a recipe has a teacher. Answered once per recipe, from the main thread (see ``run_all``): the worker
@@ -136,10 +176,14 @@ def is_distill_recipe(path: Path) -> bool:
     return load_config(path).teacher is not None
 
 
+def record_path(tag: str, name: str, seed: int) -> Path:
+    return RESULTS / "runs" / f"{tag}_{name}_s{seed}.json"
+
+
 def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list[str], tag: str) -> dict[str, Any]:
-    record_path = RESULTS / "runs" / f"{tag}_{name}_s{seed}.json"
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
+    path_out = record_path(tag, name, seed)
+    if path_out.is_file():
+        return json.loads(path_out.read_text())
     work = REPO / "work_dirs" / "bench" / f"{tag}_{name}_s{seed}"
     path = BENCH_CFG / recipe
     is_distill = is_distill_recipe(path)
@@ -149,8 +193,8 @@ def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list
     print(f"[bench] {name} seed {seed}", flush=True)
     wall = run_tool("train_distill.py" if is_distill else "train.py", path, work, run_opts, work / "stdout.log")
     record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, "threads": THREADS["per_run"],
-              **final_metrics(work)}  # fmt: skip
-    _write_json(record_path, record)
+              "opts": opts, "work_dir": str(work.relative_to(REPO)), **final_metrics(work)}  # fmt: skip
+    _write_json(path_out, record)
     return record
 
 
@@ -158,14 +202,15 @@ def _mean_time(records: list[dict[str, Any]]) -> float:
     return statistics.mean(r["train_time_s"] for r in records)
 
 
-def _best_distilled(records: dict[str, list[dict[str, Any]]]) -> Optional[str]:
-    """The distilled run with the highest mean AP (hetero pairs and baselines excluded)."""
-    candidates = {
-        name: statistics.mean(r["AP"] for r in rs)
-        for name, rs in records.items()
-        if not name.startswith(("baseline", "hetero"))
-    }
-    return max(candidates, key=candidates.get) if candidates else None
+def _is_method(name: str) -> bool:
+    """A distilled run of the equal-steps comparison (not a baseline, not a long-schedule run)."""
+    return name in {n for n, *_ in RUNS} and not name.startswith("baseline")
+
+
+def ranked_methods(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The distilled runs of the equal-steps comparison, best mean AP first."""
+    means = {n: statistics.mean(r["AP"] for r in rs) for n, rs in records.items() if _is_method(n) and rs}
+    return sorted(means, key=means.get, reverse=True)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -182,6 +227,7 @@ def aggregate(records: list[dict[str, Any]], teacher_ap: float, baseline_ap: Opt
         out[key] = statistics.mean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     out["train_time_s"] = statistics.mean(r["train_time_s"] for r in records)
+    out["iterations"] = records[0].get("iterations")
     if baseline_ap is not None:
         out["delta_AP"] = out["AP"] - baseline_ap
     if baseline_ap is not None and teacher_ap > baseline_ap:
@@ -189,87 +235,204 @@ def aggregate(records: list[dict[str, Any]], teacher_ap: float, baseline_ap: Opt
     return out
 
 
+def long_name(name: str) -> str:
+    return f"long_{name}"
+
+
+def wall_time_name(best: str) -> str:
+    return f"baseline_same_wall_time_as_{best}"
+
+
+def reference_of(name: str) -> Optional[str]:
+    """The baseline a run is compared with: ``long_baseline`` for long runs, ``baseline`` for the equal-steps
+    runs, none for baselines themselves."""
+    if name.startswith("long_"):
+        return None if name == long_name("baseline") else long_name("baseline")
+    if name.startswith("baseline"):
+        return None
+    return "baseline"
+
+
+def wall_time_opts(records: dict[str, list[dict[str, Any]]], best: str, opts: list[str]) -> list[str]:
+    """``--opts`` that give the baseline the (mean) train time of the best distilled run."""
+    ratio = _mean_time(records[best]) / _mean_time(records["baseline"])
+    steps = round(records["baseline"][0]["iterations"] * ratio)
+    ipe = records["baseline"][0]["iters_per_epoch"]
+    return [*opts, f"train.epochs={math.ceil(steps / ipe)}", f"train.max_iters={steps}"]
+
+
+def long_opts(opts: list[str], student_epochs: int) -> list[str]:
+    return [*opts, f"train.epochs={LONG_FACTOR * student_epochs}"]
+
+
+def estimate_elapsed_h(plan: list[tuple[int, bool]], step_s: dict[str, float], jobs: int) -> float:
+    """Elapsed hours of ``plan`` (``(steps, distilled)`` per run) at ``step_s`` ("student"/"distill" seconds per step
+    with ``cores / jobs`` threads each), ``jobs`` runs at a time, plus a minute per run for evaluation and start-up."""
+    total = sum(steps * step_s["distill" if distilled else "student"] + 60.0 for steps, distilled in plan)
+    return total / max(jobs, 1) / 3600
+
+
+def regime_check(teacher: dict[str, Any], gap_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The validity of the regime: teacher converged, and its AP at least MIN_GAP above the baseline student
+    trained for the teacher's whole schedule."""
+    out: dict[str, Any] = {"teacher_AP": teacher["AP"], "teacher_converged": converged(teacher.get("curve", []))}
+    if gap_records:
+        base = statistics.mean(r["AP"] for r in gap_records)
+        out.update(baseline_teacher_schedule_AP=base, gap=teacher["AP"] - base)
+        out["gap_ok"] = out["gap"] >= MIN_GAP
+    out["valid"] = bool(out.get("gap_ok")) and out["teacher_converged"] is not False
+    return out
+
+
 def to_markdown(results: dict[str, Any]) -> str:
-    meta = results["meta"]
-    t = results["teacher"]
+    meta, t, check = results["meta"], results["teacher"], results["regime"]
+    curve = ", ".join(f"{int(s):,}: {100 * ap:.1f}" for s, ap in t.get("curve", []))
     lines = [
         *([f"**{meta['note']}**", ""] if meta.get("note") else []),
-        f"Command: `{meta['command']}` on {meta['machine']}; {meta['total_wall_h']:.2f} h of runs in total, "
-        f"about {meta['elapsed_h_estimate']:.2f} h elapsed (teachers alone, then the students {meta['jobs']} at a "
-        "time). "
+        f"Command: `{meta['command']}` on {meta['machine']}; {meta['total_wall_h']:.2f} h of runs so far, about "
+        f"{meta['elapsed_h_estimate']:.2f} h elapsed (the teacher alone, then the students {meta['jobs']} at a time); "
+        f"the whole plan: about {meta['plan_elapsed_h']:.1f} h elapsed with --jobs {meta['jobs']}. "
         f"Student init: {meta['student_init']}. AP after the last epoch on the val split, mean ± std over seeds.",
         "",
-        f"Teacher {t['recipe']}: AP {100 * t['AP']:.1f} (trained once, {t['wall_s'] / 60:.0f} min).",
-        *[
-            f"Teacher of {', '.join(n for n, (r, _) in TEACHER_OF.items() if r == o['recipe'])}: {o['recipe']}, "
-            f"AP {100 * o['AP']:.1f} ({o['wall_s'] / 60:.0f} min)."
-            for o in results.get("other_teachers", {}).values()
-        ],
+        f"Teacher {t['recipe']}: AP {100 * t['AP']:.1f} after {t['iterations']:,} steps ({t['wall_s'] / 60:.0f} min, "
+        f"{t.get('threads', '?')} threads); val AP along the way (steps: AP) {curve}; "
+        f"converged (last two within {100 * CONVERGED_AP:.0f} AP): {check['teacher_converged']}.",
+    ]
+    if "gap" in check:
+        lines.append(
+            f"Regime check: the baseline student trained for the teacher's whole schedule (`{GAP_RUN}`) reaches AP "
+            f"{100 * check['baseline_teacher_schedule_AP']:.1f}, {100 * check['gap']:.1f} AP below the teacher "
+            f"(required: >= {100 * MIN_GAP:.0f}): {'valid' if check['gap_ok'] else 'NOT VALID'}."
+        )
+    lines += [
         "",
-        "| run | seeds | AP | AP50 | APs | AP - baseline | gap closed | train time / run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | seeds | steps | AP | AP50 | APs | AP - baseline | gap closed | train time / run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["runs"].items():
         gap = f"{100 * r['gap_closed']:.0f} %" if "gap_closed" in r else "—"
         delta = f"{100 * r['delta_AP']:+.1f}" if "delta_AP" in r else "—"
         lines.append(
-            f"| {name} | {len(r['seeds'])} | {100 * r['AP']:.1f} ± {100 * r['AP_std']:.1f} | "
-            f"{100 * r['AP50']:.1f} ± {100 * r['AP50_std']:.1f} | {100 * r['APs']:.1f} ± {100 * r['APs_std']:.1f} | "
-            f"{delta} | {gap} | {r['train_time_s'] / 60:.1f} min |"
+            f"| {name} | {len(r['seeds'])} | {r.get('iterations') or 0:,} | {100 * r['AP']:.1f} ± "
+            f"{100 * r['AP_std']:.1f} | {100 * r['AP50']:.1f} ± {100 * r['AP50_std']:.1f} | {100 * r['APs']:.1f} ± "
+            f"{100 * r['APs_std']:.1f} | {delta} | {gap} | {r['train_time_s'] / 60:.1f} min |"
         )
+    if results.get("cost"):
+        lines += ["", "Cost (`tools/compare.py`, the best run's student):", "", "```", results["cost"]["table"],
+                  results["cost"]["headline"], "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def measure_cost(recipe: str, student_ckpt: Optional[str], teacher_ckpt: str, tag: str) -> Optional[dict[str, Any]]:
+    """The compression report of the pair (``tools/compare.py``, one thread); None when it fails."""
+    out = RESULTS / f"cost_{tag}.json"
+    cmd = [sys.executable, str(REPO / "tools" / "compare.py"), "--cfg", str(BENCH_CFG / recipe), "--teacher-ckpt",
+           teacher_ckpt, "--threads", "1", "--json", str(out)]  # fmt: skip
+    if student_ckpt:
+        cmd += ["--ckpt", student_ckpt]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        print(f"[bench] compare.py failed: {proc.stderr[-2000:]}", flush=True)
+        return None
+    lines = proc.stdout.strip().splitlines()
+    table = "\n".join(line for line in lines if not line.startswith(("teacher:", "student:")))
+    report = json.loads(out.read_text())
+    return {"table": table.rsplit("\n", 1)[0], "headline": report["headline"], **report}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short schedule, fewer runs (< 15 min, teacher cached)")
+    parser.add_argument("--quick", action="store_true", help="short schedule, fewer runs (teacher cached)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these run names")
     parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds per run (a partial pass)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each gets cores / jobs threads)")
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing: tabulate the runs already stored in results/runs"
     )
+    parser.add_argument("--plan", action="store_true", help="print the runs still to do and the estimated time")
+    parser.add_argument("--force", action="store_true", help="go on even when the regime check fails")
     args = parser.parse_args()
-    tag = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else "full"
+    tag = TAG[mode]
     opts = QUICK_STUDENT_OPTS if args.quick else []
     jobs = max(1, args.jobs)
     start = time.time()
-    if args.report_only:
-        teacher = json.loads((RESULTS / "runs" / f"{tag}_teacher.json").read_text())
-    else:  # the teacher alone, with every core
-        teacher = ensure_teacher("teacher.yaml", f"{tag}_teacher", QUICK_TEACHER_OPTS if args.quick else [])
-    teachers = {"teacher": teacher}  # key -> teacher record
-    planned: list[tuple[str, str, int]] = []  # (name, recipe, seed), seed by seed
+    sys.path.insert(0, str(REPO))
+    from detkd.config import load_config
+
+    student_epochs = load_config(BENCH_CFG / "student.yaml", opts).train.epochs
+    teacher_cfg = load_config(BENCH_CFG / TEACHER_RECIPE, QUICK_TEACHER_OPTS if args.quick else [])
+    teacher_path = RESULTS / "runs" / f"{tag}_teacher.json"
+    teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
+
+    # the plan, in order: (phase, name, recipe, seed, opts)
+    planned: list[tuple[str, str, str, int, list[str]]] = []
+    if not args.quick:
+        gap_opts = [*opts, f"train.epochs={teacher_cfg.train.epochs}"]
+        planned += [("check", GAP_RUN, "student.yaml", s, gap_opts) for s in range(GAP_SEEDS)]
     for seed in range(MAX_SEEDS):
         for name, recipe, full_seeds, quick_seeds in RUNS:
             seeds = quick_seeds if args.quick else full_seeds
             if args.seeds is not None:
                 seeds = min(seeds, args.seeds)
-            if seed < seeds and not (args.only and name not in args.only):
-                planned.append((name, recipe, seed))
-    for recipe, suffix in {TEACHER_OF[n] for n, _, _ in planned if n in TEACHER_OF}:
-        if args.report_only:
-            path = RESULTS / "runs" / f"{tag}_{suffix}.json"
-            if path.is_file():  # absent: its runs have not started either
-                teachers[suffix] = json.loads(path.read_text())
-        else:
-            teachers[suffix] = ensure_teacher(recipe, f"{tag}_{suffix}", [])
-
-    # teachers train alone with every core; the students share the cores
-    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-
-    def teacher_of(name: str) -> dict[str, Any]:
-        return teachers[TEACHER_OF[name][1]] if name in TEACHER_OF else teacher
+            if seed < seeds:
+                planned.append(("steps", name, recipe, seed, opts))
+    if args.only:
+        planned = [p for p in planned if p[1] in args.only]
 
     records: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((RESULTS / "runs").glob(f"{tag}_*_s*.json")):  # every stored run of this regime
+        record = json.loads(path.read_text())
+        records.setdefault(record["run"], []).append(record)
+
+    def step_times() -> dict[str, float]:
+        """Seconds per step of the stored runs (defaults: measured on this machine, 1 thread each, 2 jobs)."""
+        base = [r["step_s"] for n, rs in records.items() if n.startswith("baseline") for r in rs if "step_s" in r]
+        dist = [r["step_s"] for n, rs in records.items() if _is_method(n) for r in rs if "step_s" in r]
+        return {
+            "student": statistics.median(base) if base else 0.35,
+            "distill": statistics.median(dist) if dist else 0.9,
+        }
+
+    def full_plan() -> list[tuple[int, bool]]:
+        """(steps, distilled) of every run of the whole protocol, finished or not (for the time estimate)."""
+        steps = student_epochs * 200
+        methods = [n for n, *_ in RUNS if n != "baseline"]
+        plan = [(teacher_cfg.train.epochs * 200, False)] * GAP_SEEDS
+        plan += [(steps, False)] * MAX_SEEDS + [(steps, True)] * (2 * len(methods) + TOP_K)
+        plan += [(round(steps * 1.6), False)] * WALL_TIME_SEEDS  # a distillation step costs ~1.6 student steps
+        plan += [(LONG_FACTOR * steps, False)] * LONG_SEEDS + [(LONG_FACTOR * steps, True)] * LONG_SEEDS * LONG_TOP
+        return plan
+
+    todo = [p for p in planned if not record_path(tag, p[1], p[3]).is_file()]
+    if args.plan:
+        print(f"{len(todo)} of {len(planned)} first-pass runs to do (then top-{TOP_K} seeds, wall-time, long runs):")
+        for phase, name, _, seed, _ in todo:
+            print(f"  {phase:6s} {name} seed {seed}")
+        st = step_times()
+        teacher_h = 0.0 if teacher else teacher_cfg.train.epochs * 200 * DEFAULT_STEP_S["teacher"] / 3600
+        print(f"estimated elapsed for the whole protocol with --jobs {jobs}: "
+              f"{estimate_elapsed_h(full_plan(), st, jobs) + teacher_h:.1f} h (+ teacher {teacher_h:.1f} h); "
+              f"s/step student {st['student']:.2f}, distill {st['distill']:.2f}")  # fmt: skip
+        return
+
+    if not args.report_only:  # the teacher alone, with every core
+        teacher = ensure_teacher(TEACHER_RECIPE, f"{tag}_teacher", QUICK_TEACHER_OPTS if args.quick else [])
+        if not args.quick:
+            ensure_loss_scales(teacher["checkpoint"])
+    if teacher is None:
+        sys.exit(f"no teacher yet ({teacher_path}): run without --report-only first")
+    # the students share the cores
+    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     failures: list[str] = []
 
     def run_all(batch: list[tuple[str, str, int, list[str]]]) -> None:
         """Run (name, recipe, seed, opts) jobs ``jobs`` at a time; a failed run is reported, the others go on."""
+        batch = [b for b in batch if not any(r["seed"] == b[2] for r in records.get(b[0], []))]
         for recipe in {r for _, r, _, _ in batch}:  # imports and config checks in this thread, before the workers
             is_distill_recipe(BENCH_CFG / recipe)
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_student, n, r, s, teacher_of(n)["checkpoint"], o, tag) for n, r, s, o in batch]
+            futures = [pool.submit(run_student, n, r, s, teacher["checkpoint"], o, tag) for n, r, s, o in batch]
             for (name, _, seed, _), future in zip(batch, futures):
                 try:
                     records.setdefault(name, []).append(future.result())
@@ -277,69 +440,73 @@ def main() -> None:
                     failures.append(f"{name} seed {seed}: {err}")
                     print(f"[bench] FAILED {name} seed {seed}: {err}", flush=True)
 
-    if args.report_only:  # every stored run of this mode, extra seeds and the wall-time baseline included
-        wanted = {n for n, _, _ in planned}
-        for path in sorted((RESULTS / "runs").glob(f"{tag}_*_s*.json")):
-            record = json.loads(path.read_text())
-            if not args.only or record["run"] in wanted:
-                records.setdefault(record["run"], []).append(record)
-    else:
-        run_all([(name, recipe, seed, opts) for name, recipe, seed in planned])
-        if not args.only and not args.quick:
-            # the top methods get a third seed (the protocol: 3 seeds for the baseline and the top methods)
-            recipes = {name: recipe for name, recipe, _, _ in RUNS}
-            means = {n: statistics.mean(r["AP"] for r in rs) for n, rs in records.items() if n in recipes}
-            top = sorted((n for n in means if not n.startswith(("baseline", "hetero"))), key=means.get)[-TOP_K:]
-            run_all([(n, recipes[n], s, opts) for n in top for s in range(len(records[n]), MAX_SEEDS)])
-    order = [name for name, *_ in RUNS]  # the table follows RUNS; extra runs (wall-time baseline) go last
-    names = sorted(records, key=lambda n: order.index(n) if n in order else len(order))
+    check = regime_check(teacher, records.get(GAP_RUN, []))
+    if not args.report_only:
+        run_all([(n, r, s, o) for phase, n, r, s, o in planned if phase == "check"])
+        check = regime_check(teacher, records.get(GAP_RUN, []))
+        if not args.quick and not check["valid"] and not args.force:
+            print(f"[bench] the regime check failed: {check}; fix the regime (or --force)", flush=True)
+        else:
+            run_all([(n, r, s, o) for phase, n, r, s, o in planned if phase == "steps"])
+            if not args.only and not args.quick:
+                recipes = {name: recipe for name, recipe, _, _ in RUNS}
+                top = ranked_methods(records)[:TOP_K]
+                run_all([(n, recipes[n], s, opts) for n in top for s in range(MAX_SEEDS)])
+                ranked = ranked_methods(records)
+                if ranked and "baseline" in records:
+                    best = ranked[0]
+                    name = wall_time_name(best)
+                    wall = wall_time_opts(records, best, opts)
+                    run_all([(name, "student.yaml", s, wall) for s in range(WALL_TIME_SEEDS)])
+                    long = long_opts(opts, student_epochs)
+                    run_all([(long_name(n), recipes[n], s, long) for n in ["baseline", *ranked[:LONG_TOP]]
+                             for s in range(LONG_SEEDS)])  # fmt: skip
+    order = [GAP_RUN] + [name for name, *_ in RUNS]
+    names = sorted(records, key=lambda n: order.index(n) if n in order else len(order) + n.startswith("long_"))
     records = {n: sorted(records[n], key=lambda r: r["seed"]) for n in names if records[n]}
-    best = _best_distilled(records)
-    if best is not None and "baseline" in records and not (args.only or args.report_only or args.quick):
-        # the baseline given the wall time of the best distilled run: a distillation step costs more, so the fair
-        # question is whether distillation beats simply training the student longer
-        ratio = _mean_time(records[best]) / _mean_time(records["baseline"])
-        steps = round(records["baseline"][0]["iterations"] * ratio)
-        wall_opts = [*opts, f"train.epochs={math.ceil(steps / records['baseline'][0]['iters_per_epoch'])}",
-                     f"train.max_iters={steps}"]  # fmt: skip
-        name = f"baseline_same_wall_time_as_{best}"
-        run_all([(name, "student.yaml", s, wall_opts) for s in range(WALL_TIME_SEEDS)])
 
-    def reference(name: str) -> Optional[float]:
-        """The mean AP of the baseline a run is compared with (None for baselines)."""
-        if name.startswith("baseline") or name in BASELINE_OF.values():
-            return None
-        base_name = BASELINE_OF.get(name, "baseline")
-        return aggregate(records[base_name], 0.0, None)["AP"] if base_name in records else None
+    def ref_ap(name: str) -> Optional[float]:
+        ref = reference_of(name)
+        return aggregate(records[ref], 0.0, None)["AP"] if ref in records else None
 
-    runs = {name: aggregate(rs, teacher_of(name)["AP"], reference(name)) for name, rs in records.items()}
+    runs = {name: aggregate(rs, teacher["AP"], ref_ap(name)) for name, rs in records.items()}
+    ranked = ranked_methods(records)
+    cost = None
+    if ranked and not args.quick:
+        best_work = REPO / records[ranked[0]][0]["work_dir"] if "work_dir" in records[ranked[0]][0] else None
+        ckpt = best_work / "student_best.pth" if best_work else None
+        recipe = next(r for n, r, *_ in RUNS if n == ranked[0])
+        cost = measure_cost(recipe, str(ckpt) if ckpt and ckpt.is_file() else None, teacher["checkpoint"], tag)
     student_s = sum(r["wall_s"] for rs in records.values() for r in rs)
-    teacher_s = sum(t["wall_s"] for t in teachers.values())
     results = {
         "meta": {
             "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + f" --jobs {jobs}",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
             "student_init": "scratch (same seed -> same initial weights for every method)",
-            "total_wall_h": (student_s + teacher_s) / 3600,
-            # the teachers train alone, the students ``jobs`` at a time: the elapsed time of one uninterrupted run
-            "elapsed_h_estimate": (student_s / jobs + teacher_s) / 3600,
+            "total_wall_h": (student_s + teacher["wall_s"]) / 3600,
+            # the teacher trains alone, the students ``jobs`` at a time: the elapsed time of one uninterrupted run
+            "elapsed_h_estimate": (student_s / jobs + teacher["wall_s"]) / 3600,
+            "plan_elapsed_h": estimate_elapsed_h(full_plan(), step_times(), jobs) + teacher["wall_s"] / 3600,
             "jobs": jobs,
             "this_invocation_s": time.time() - start,
             "date": time.strftime("%Y-%m-%d"),
+            "tag": tag,
         },
         "teacher": teacher,
-        "other_teachers": {k: v for k, v in teachers.items() if k != "teacher"},
+        "regime": check,
         "runs": runs,
+        "cost": cost,
     }
-    finished = sum(len(records.get(name, [])) for name in {n for n, _, _ in planned})
-    if args.report_only and finished < len(planned):
+    done_first = sum(1 for p in planned if record_path(tag, p[1], p[3]).is_file())
+    if done_first < len(planned) or (not args.quick and not any(n.startswith("long_") for n in records)):
         results["meta"]["note"] = (
-            f"PARTIAL: {finished} of the {len(planned)} planned runs are finished; the rest run with the same "
-            f"command (finished runs are skipped)."
+            f"PARTIAL: {done_first} of the {len(planned)} first-pass runs are finished (then the top-{TOP_K} seeds, "
+            "the wall-time baseline and the long schedule); the rest run with the same command (finished runs are "
+            "skipped)."
         )
-    name = "accuracy_quick" if args.quick else "accuracy"
-    _write_json(RESULTS / f"{name}.json", results)
-    (RESULTS / f"{name}.md").write_text(to_markdown(results))
+    out_name = "accuracy_quick" if args.quick else "accuracy"
+    _write_json(RESULTS / f"{out_name}.json", results)
+    (RESULTS / f"{out_name}.md").write_text(to_markdown(results))
     print(to_markdown(results))
     if failures:
         sys.exit("failed runs (rerun the same command to retry them):\n" + "\n".join(failures))

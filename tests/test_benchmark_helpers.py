@@ -70,46 +70,80 @@ def test_every_benchmark_recipe_loads(accuracy):
     for _, recipe, _, _ in accuracy.RUNS:
         cfg = load_config(BENCH.parent / "configs" / "bench" / recipe)
         assert cfg.data.synthetic.min_object_size == 16 and cfg.train.epochs == 3
+        model = cfg.student or cfg.model
+        assert (model.arch, model.backbone, model.fpn_channels) == ("fcos", "mobilenet_v3_small", 32)
 
 
-def test_schedule_seed_by_seed_then_top_methods_then_wall_time_baseline(accuracy, tmp_path, monkeypatch):
-    calls, teachers_seen = [], {}
-    ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "fgd_logit_kd": 0.30, "fgd": 0.15}
+def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float):
+    calls = []
+    ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "fgd_logit_kd": 0.30, "fgd": 0.15, "cwd": 0.22}
 
     def fake_run_student(name, recipe, seed, teacher_ckpt, opts, tag):
         calls.append((name, seed, tuple(opts)))
-        teachers_seen[name] = teacher_ckpt
-        time_s = 100.0 if name == "baseline" else 150.0
-        return {"run": name, "seed": seed, "AP": ap.get(name, 0.12), "AP50": 0.3, "APs": 0.05,
-                "train_time_s": time_s, "iterations": 600, "iters_per_epoch": 200, "wall_s": time_s}  # fmt: skip
-
-    monkeypatch.setattr(accuracy, "run_student", fake_run_student)
+        time_s = 100.0 if name.startswith("baseline") else 150.0
+        value = gap_ap if name == accuracy.GAP_RUN else ap.get(name.removeprefix("long_"), 0.12)
+        record = {"run": name, "seed": seed, "AP": value + 0.01 * seed, "AP50": 0.3, "APs": 0.05, "step_s": 0.5,
+                  "train_time_s": time_s, "iterations": 600, "iters_per_epoch": 200, "wall_s": time_s}  # fmt: skip
+        accuracy._write_json(accuracy.record_path(tag, name, seed), record)
+        return record
 
     def fake_ensure_teacher(recipe, tag, opts):
-        ap = 0.5 if recipe == "teacher.yaml" else 0.6
-        return {"AP": ap, "checkpoint": f"{tag}.pth", "wall_s": 1.0, "recipe": recipe}
+        return {"AP": 0.5, "checkpoint": f"{tag}.pth", "wall_s": 1.0, "recipe": recipe, "iterations": 3200,
+                "curve": [[2800, 0.495], [3200, 0.5]]}  # fmt: skip
 
+    monkeypatch.setattr(accuracy, "run_student", fake_run_student)
     monkeypatch.setattr(accuracy, "ensure_teacher", fake_ensure_teacher)
+    monkeypatch.setattr(accuracy, "ensure_loss_scales", lambda ckpt: None)
+    monkeypatch.setattr(accuracy, "measure_cost", lambda *a: None)
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
     monkeypatch.setattr(sys, "argv", ["accuracy.py"])
     accuracy.main()
+    return calls
 
-    first_pass = [c for c in calls if c[0] in {n for n, *_ in accuracy.RUNS}][: 2 * len(accuracy.RUNS)]
-    assert [seed for _, seed, _ in first_pass] == [0] * len(accuracy.RUNS) + [1] * len(accuracy.RUNS)
+
+def test_protocol_order_regime_check_seeds_top_methods_wall_time_and_long_schedule(accuracy, tmp_path, monkeypatch):
+    calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30)
+    # 1. the regime check: the baseline on the teacher's whole schedule (16 epochs), 2 seeds
+    assert [c[:2] for c in calls[:2]] == [(accuracy.GAP_RUN, 0), (accuracy.GAP_RUN, 1)]
+    assert "train.epochs=16" in calls[0][2]
+    # 2. equal steps, seed by seed
+    first = calls[2 : 2 + 2 * len(accuracy.RUNS)]
+    assert [seed for _, seed, _ in first] == [0] * len(accuracy.RUNS) + [1] * len(accuracy.RUNS)
     third = {name for name, seed, _ in calls if seed == 2}
-    assert third == {"baseline", "pkd", "logit_kd", "fgd_logit_kd"}  # the baseline and the top 3
+    assert third == {"baseline", "fgd_logit_kd", "logit_kd", "cwd"}  # the baseline and the top 3
+    # 3. equal wall time: the best run's time (150 s vs 100 s per run -> 1.5 x the 600 steps)
     wall = [c for c in calls if c[0].startswith("baseline_same_wall_time")]
     assert [c[0] for c in wall] == ["baseline_same_wall_time_as_fgd_logit_kd"] * 2
-    assert "train.max_iters=900" in wall[0][2]  # 600 steps x 150 s / 100 s
+    assert "train.max_iters=900" in wall[0][2]
+    # 4. long schedule (x 4 = 12 epochs): the baseline and the 2 best, 2 seeds each
+    long = [c for c in calls if c[0].startswith("long_")]
+    assert sorted({c[0] for c in long}) == ["long_baseline", "long_fgd_logit_kd", "long_logit_kd"]
+    assert len(long) == 6 and all("train.epochs=12" in c[2] for c in long)
     results = json.loads((tmp_path / "accuracy.json").read_text())
-    meta = results["meta"]
-    student_s = sum(100.0 if c[0] == "baseline" else 150.0 for c in calls)  # as fake_run_student
-    assert meta["total_wall_h"] == pytest.approx((student_s + 2.0) / 3600)  # two teachers of 1 s each
-    assert meta["elapsed_h_estimate"] == pytest.approx(meta["total_wall_h"])  # --jobs 1: nothing runs side by side
-    assert f"about {meta['elapsed_h_estimate']:.2f} h elapsed" in (tmp_path / "accuracy.md").read_text()
-    assert results["runs"]["fgd_logit_kd"]["gap_closed"] == pytest.approx((0.30 - 0.10) / (0.5 - 0.10))
-    # the FCOS -> RetinaNet pair learns from its own teacher and is measured against that teacher's AP
-    assert teachers_seen["hetero_fcos_to_retinanet"] == "full_teacher_fcos.pth"
-    assert teachers_seen["pkd"] == "full_teacher.pth"
-    gap = results["runs"]["hetero_fcos_to_retinanet"]["gap_closed"]
-    assert gap == pytest.approx((0.12 - 0.10) / (0.6 - 0.10))
+    assert results["regime"]["valid"] and results["regime"]["gap"] == pytest.approx(0.5 - 0.305)
+    runs = results["runs"]
+    assert runs["fgd_logit_kd"]["gap_closed"] == pytest.approx((0.31 - 0.11) / (0.5 - 0.11))  # means over 3 seeds
+    assert runs["long_logit_kd"]["delta_AP"] == pytest.approx(0.255 - 0.105)  # against the long baseline
+    assert "delta_AP" not in runs["long_baseline"]
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "valid" in md and "2,800: 49.5, 3,200: 50.0" in md and "converged (last two within 1 AP): True" in md
+    # a second invocation trains nothing: every run is stored
+    calls2 = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30)
+    assert calls2 == []
+
+
+def test_an_invalid_regime_stops_after_the_check(accuracy, tmp_path, monkeypatch):
+    calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.45)  # only 5 AP below the teacher
+    assert {c[0] for c in calls} == {accuracy.GAP_RUN}
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    assert not results["regime"]["valid"] and "NOT VALID" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_elapsed_estimate_and_convergence(accuracy):
+    plan = [(600, False), (600, True), (2400, True)]
+    # (600 * 0.5 + 60) + (600 * 1.0 + 60) + (2400 * 1.0 + 60) seconds, two at a time
+    hours = accuracy.estimate_elapsed_h(plan, {"student": 0.5, "distill": 1.0}, jobs=2)
+    assert hours == pytest.approx((360 + 660 + 2460) / 2 / 3600)
+    assert accuracy.converged([[2800, 0.452], [3200, 0.460]]) is True
+    assert accuracy.converged([[2800, 0.43], [3200, 0.46]]) is False
+    assert accuracy.converged([[3200, 0.46]]) is None
