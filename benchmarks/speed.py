@@ -146,7 +146,7 @@ def measure(pair: str, method: str, part: str, args: argparse.Namespace) -> dict
             if not feature and not head:
                 return  # a pseudo-label-only recipe runs no second teacher pass
             feats = teacher.backbone(student.transform(images)[0].tensors)
-            if distiller.needs_teacher_head and hasattr(teacher, "head"):
+            if "teacher_head" in distiller.needs and hasattr(teacher, "head"):
                 teacher.head(list(feats.values()))
 
     def distill_step():

@@ -1,11 +1,12 @@
 """Where does it distil? The masks of one real distillation step, as tensors and as TensorBoard images (pure torch).
 
-:func:`collect_masks` runs **one** forward of a :class:`~detkd.distiller.Distiller` on a small batch and rebuilds,
-exactly as :meth:`Distiller.forward` does, the :class:`~detkd.distiller.DistillStep` of that batch; every mask then
-comes from the very :class:`~detkd.losses.context.LevelContext` methods the losses call (``box_masks``,
-``spatial_attention``, ``channel_attention``, ``fgfi``, ``difference``, ``feature_difference``) — there is no second
-implementation, so the picture shows what the losses weigh. :func:`loss_weight_map` turns each configured feature
-loss into the per-location weight it applies. :func:`snapshot_grid` tiles a level's masks over the images for
+:func:`collect_masks` records **one** distillation step of a :class:`~detkd.distiller.Distiller` on a small batch
+with the Distiller's own :meth:`~detkd.distiller.Distiller.record_step` (the record the losses read in training);
+every mask then comes from the very :class:`~detkd.losses.context.LevelContext` methods the losses call
+(``box_masks``, ``spatial_attention``, ``channel_attention``, ``fgfi``, ``difference``, ``feature_difference``) and
+each configured feature loss supplies its own per-location weight (:meth:`~detkd.losses.base.FeatureLoss.weight_map`)
+— there is no second implementation, so the picture shows what the losses weigh, for built-in and registered losses
+alike. :func:`snapshot_grid` tiles a level's masks over the images for
 TensorBoard, and :class:`MaskImageCallback` logs those tiles every ``every`` training iterations.
 
 Side effects of the forward, and how they are undone (:func:`collect_masks` leaves the distiller as it found it):
@@ -35,19 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import resize_boxes
 
-from detkd.distiller import DistillStep
 from detkd.engine.checkpoint import unwrap
-from detkd.losses.context import LevelContext
-from detkd.losses.feature import (
-    AttentionGuidedLoss,
-    CWDLoss,
-    DeFeatLoss,
-    FGDLoss,
-    FGFILoss,
-    GIDFeatureLoss,
-    MSEFeatureLoss,
-    PKDLoss,
-)
+from detkd.losses.context import LevelContext, StepRecord
 from detkd.pseudo_labels import filter_detections
 
 __all__ = [
@@ -157,77 +147,28 @@ class MaskSnapshot:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def loss_weight_map(loss_name: str, module: nn.Module, ctx: LevelContext) -> Tensor:
-    """The weight a feature loss puts on every location of one level: ``(N, H, W)``, detached.
+def loss_weight_map(loss_name: str, module: nn.Module, ctx: LevelContext) -> Optional[Tensor]:
+    """The weight a feature loss puts on every location of one level: ``(N, H, W)``, detached, or None.
 
-    Convention: the loss's feature-imitation term is ``sum_{n,h,w} W[n,h,w] * e[n,h,w]`` with a per-location error
-    ``e`` named below (``s`` the adapted student feature, ``t`` the teacher's, ``N, C, H, W`` their shape). The
-    config weight is not included; terms that weigh no location (FGD's attention and global terms, the attention
-    loss's transfer term) are left out. Per loss (``module``'s class decides; ``loss_name`` only names it in errors):
-
-    - ``mse``: ``W = 1 / (N C H W)`` (uniform), ``e = sum_c (s - t)^2``.
-    - ``fgfi``: ``W = I / max(2 sum I, 1)`` with ``I = ctx.fgfi(psi)``, ``e = sum_c (s - t)^2``.
-    - ``defeat``: ``W = fg_weight * M / max(2 C N_fg, 1) + bg_weight * (1 - M) / max(2 C N_bg, 1)`` with
-      ``M = 1[fg > 0]`` (box mask), ``N_fg = sum M``, ``N_bg = sum (1 - M)``, ``e = sum_c (s - t)^2``.
-    - ``gid``: ``W = m / sum m`` (0 when ``m = 0``) with ``m`` the GID difference mask from the logits
-      (``ctx.difference``) or, without logits, ``ctx.feature_difference``; ``e = sum_c (s - t)^2``.
-    - ``fgd`` (focal term, Eq. 5): ``W = (alpha * fg + beta * bg) * A_s^t / N`` with the teacher's spatial attention
-      ``A_s^t``; ``e = sum_c A_c^t (s - t)^2`` (teacher channel attention).
-    - ``attention``: ``W = M_s = (A_s^t + A_s^s) / 2``; the term is ``feat_weight * sqrt(sum W e)`` with
-      ``e = sum_c M_c (s - t)^2`` — the weight under the square root.
-    - ``pkd``: ``W = 0.5 / (N C H W)`` (uniform), ``e = sum_c (s_hat - t_hat)^2`` of the channel-standardised
-      features.
-    - ``cwd``: ``W = tau^2 / (N C) * sum_c p^t_c`` with ``p^t_c = softmax_HW(t_c / tau)``: the KL of channel ``c``
-      weighs the log-ratio ``log p^t_c - log p^s_c`` at each location by ``p^t_c``; ``W`` sums these weights over
-      channels (not uniform: CWD distils where the teacher's channels put their mass).
+    The loss supplies it (:meth:`detkd.losses.base.FeatureLoss.weight_map`): its imitation term is
+    ``sum_{n,h,w} W[n,h,w] * e[n,h,w]`` with a per-location error ``e`` that its docstring names; the config weight
+    is not included. None: the loss weighs no location.
 
     Args:
-        loss_name: The loss's name in the recipe (``fgd``, ``fgd_1`` ...).
+        loss_name: The loss's name in the recipe (``fgd``, ``fgd_1`` ...), for the error message.
         module: The configured loss module.
         ctx: The level's context (the one the loss sees).
 
-    Returns:
-        ``W``, (N, H, W) float.
-
     Raises:
-        ValueError: ``module`` is not one of the feature losses above.
+        TypeError: ``module`` does not follow the feature-loss protocol (no ``weight_map``).
     """
-    t = ctx.t_feat.detach()
-    n, c, h, w = t.shape
-    if isinstance(module, (MSEFeatureLoss, PKDLoss)):
-        scale = 0.5 if isinstance(module, PKDLoss) else 1.0
-        return t.new_full((n, h, w), scale / (n * c * h * w))
-    if isinstance(module, FGFILoss):
-        mask = ctx.fgfi(module.psi)
-        return mask / (2.0 * mask.sum()).clamp(min=1.0)
-    if isinstance(module, DeFeatLoss):
-        fg, _ = ctx.box_masks()
-        m = (fg > 0).to(t.dtype)
-        fg_part = module.fg_weight * m / (2.0 * c * m.sum()).clamp(min=1.0)
-        return fg_part + module.bg_weight * (1.0 - m) / (2.0 * c * (1.0 - m).sum()).clamp(min=1.0)
-    if isinstance(module, GIDFeatureLoss):
-        mask = _gid_mask(module, ctx)
-        total = mask.sum()
-        return mask / total if total > 0 else torch.zeros_like(mask)
-    if isinstance(module, FGDLoss):
-        fg, bg = ctx.box_masks()
-        a_s = ctx.spatial_attention("t", module.temperature).detach()
-        return (module.alpha * fg + module.beta * bg) * a_s / n
-    if isinstance(module, AttentionGuidedLoss):
-        temp = module.temperature
-        return ((ctx.spatial_attention("t", temp) + ctx.spatial_attention("s", temp)) / 2).detach()
-    if isinstance(module, CWDLoss):
-        p_t = torch.softmax(t.reshape(n, c, h * w) / module.tau, dim=2)
-        return (module.tau**2 / (n * c) * p_t.sum(dim=1)).reshape(n, h, w)
-    known = "mse, fgfi, defeat, gid, fgd, attention, pkd, cwd"
-    raise ValueError(f"no per-location weight for feature loss '{loss_name}' ({type(module).__name__}); known: {known}")
-
-
-def _gid_mask(module: GIDFeatureLoss, ctx: LevelContext) -> Tensor:
-    """The mask :class:`GIDFeatureLoss` uses on ``ctx`` (with its own parameters)."""
-    if ctx.has_cls_logits:
-        return ctx.difference(module.top_k, module.nms_iou, module.window, module.score_thr)
-    return ctx.feature_difference(module.top_k_ratio)
+    if not callable(getattr(module, "weight_map", None)):
+        raise TypeError(
+            f"feature loss '{loss_name}' ({type(module).__name__}) has no weight_map(ctx); subclass "
+            f"detkd.losses.FeatureLoss"
+        )
+    weight = module.weight_map(ctx)
+    return None if weight is None else weight.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,13 +215,11 @@ def collect_masks(
 ) -> MaskSnapshot:
     """Run one distillation step on ``images`` and return its masks; the distiller is left unchanged.
 
-    The Distiller's own forward runs (train mode, under ``no_grad``; see the module docstring for what is saved and
-    restored), so the student's features, head outputs and transformed targets (pseudo labels merged) are those of a
-    real step. The :class:`DistillStep` is then rebuilt from what the Distiller's recorders hold, the way
-    :meth:`Distiller.forward` builds it (teacher backbone on the same padded tensor, ``with_anchors`` as the
-    distiller sets it), except that the teacher's dense head always runs so the difference mask can use both heads'
-    logits even when no loss needs them. Masks come from that step's :class:`LevelContext` of each level (with the
-    level's adapter, as the losses see it).
+    The Distiller records the step as in training (:meth:`~detkd.distiller.Distiller.record_step`, train mode,
+    under ``no_grad``; see the module docstring for what is saved and restored), so the student's features, head
+    outputs and transformed targets (pseudo labels merged) are those of a real step, except that the teacher's dense
+    head always runs so the difference mask can use both heads' logits even when no loss needs them. Masks come from
+    that record's :class:`LevelContext` of each level (with the level's adapter, as the losses see it).
 
     Args:
         distiller: A :class:`~detkd.distiller.Distiller` (a DDP wrapper is unwrapped).
@@ -304,29 +243,15 @@ def collect_masks(
     if unknown:
         raise ValueError(f"levels {unknown} are not shared by teacher and student; shared levels: {list(d.levels)}")
 
-    # the first call of the student's transform is the step's (separate pseudo labels call the student twice)
-    transform_calls: list[Any] = []
-    teacher_calls: list[Any] = []
-    handles = [d.student.transform.register_forward_hook(lambda m, a, out: transform_calls.append(out))]
-    if d.pseudo_labeler is not None:
-        handles.append(d.teacher.register_forward_hook(lambda m, a, out: teacher_calls.append(out)))
     try:
         with _untouched(d):
             d.train()
-            d(images, targets)
-            image_list, s_targets = transform_calls[0]
-            s_feats = dict(d.s_tap.features)
-            s_head = dict(d.s_tap.head_outputs)
-            dets = teacher_calls[0] if teacher_calls else None
-            # the same teacher pass as the training step; the dense head always, for the difference panel
-            step = d.make_step(image_list, s_targets, s_feats, s_head, dets, teacher_head=True)
-            level_masks = {lvl: _level_masks(d, step, lvl, lvl in distilled) for lvl in shown}
+            record, _ = d.record_step(images, targets, extra_needs=frozenset({"teacher_head"}), run_teacher_always=True)
+            level_masks = {lvl: _level_masks(d, record, lvl, lvl in distilled) for lvl in shown}
     finally:
-        for handle in handles:
-            handle.remove()
-        d.s_tap.clear()
+        d.recorder.clear()
         d.t_tap.clear()
-        d._s_transform.clear()
+    image_list, s_targets, dets = record.image_list, record.targets, record.teacher.detections
 
     sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
     transform = d.student.transform
@@ -356,20 +281,21 @@ def _registry_type(module: nn.Module) -> str:
     return next((name for name, cls in FEATURE_LOSSES.items() if type(module) is cls), type(module).__name__)
 
 
-def _level_masks(d: nn.Module, step: DistillStep, level: str, distilled: bool) -> LevelMasks:
-    """Every mask of ``level`` from the step's :class:`LevelContext` (adapter applied, as the losses see it)."""
-    ctx = step.level_context(level, d.adapters[level] if level in d.adapters else None)
+def _level_masks(d: nn.Module, record: StepRecord, level: str, distilled: bool) -> LevelMasks:
+    """Every mask of ``level`` from the record's :class:`LevelContext` (adapter applied, as the losses see it)."""
+    ctx = record.level_context(level, d.adapter(level))
     specs = [s for s in d.feature_specs if level in s.levels]
     temperature = next(
-        (float(s.module.temperature) for s in specs if hasattr(s.module, "temperature")), DEFAULT_TEMPERATURE
+        (float(t) for s in specs if (t := s.module.attention_temperature) is not None), DEFAULT_TEMPERATURE
     )
-    gid = next((s.module for s in specs if isinstance(s.module, GIDFeatureLoss)), GIDFeatureLoss())
+    own = next((m for s in specs if (m := s.module.difference_map(ctx)) is not None), None)
     if ctx.has_cls_logits:
-        difference, kind = _gid_mask(gid, ctx), "gid"
+        difference, kind = (own if own is not None else ctx.difference()), "gid"
     elif ctx.s_feat.shape == ctx.t_feat.shape:
-        difference, kind = ctx.feature_difference(gid.top_k_ratio), "feature"
+        difference, kind = (own if own is not None else ctx.feature_difference()), "feature"
     else:
         difference, kind = None, "none"
+    weights = {s.name: loss_weight_map(s.name, s.module, ctx) for s in specs}
     fg, bg = ctx.box_masks()
 
     def cpu(x: Tensor) -> Tensor:
@@ -389,7 +315,7 @@ def _level_masks(d: nn.Module, step: DistillStep, level: str, distilled: bool) -
         temperature=temperature,
         difference=None if difference is None else cpu(difference),
         difference_kind=kind,
-        weights={s.name: cpu(loss_weight_map(s.name, s.module, ctx)) for s in specs},
+        weights={name: cpu(w) for name, w in weights.items() if w is not None},
         distilled=distilled,
     )
 

@@ -135,7 +135,7 @@ def test_inherit_teacher_copies_neck_and_head_where_shapes_match():
 def test_logit_kd_on_unmatched_heads_is_a_clear_error():
     with pytest.raises(ValueError, match=r"fcos teacher with a retinanet student.*pseudo_label"):
         make("fcos", "retinanet", losses=(), head=(("logit_kd", {}),))
-    with pytest.raises(ValueError, match=r"roi_kd needs a Faster R-CNN teacher and student"):
+    with pytest.raises(ValueError, match=r"roi_kd needs a Faster R-CNN \(two-stage\) teacher and student"):
         make("retinanet", "retinanet", losses=(), head=(("roi_kd", {}),))
 
 

@@ -1,19 +1,25 @@
-"""Per-level context handed to every feature loss: geometry, GT boxes, features, head logits and cached masks.
+"""What losses read: the :class:`StepRecord` of one distillation step and its per-level :class:`LevelContext`.
 
-The Distiller builds one :class:`LevelContext` per FPN level and step and passes it to every feature loss on that
-level, so losses sharing a mask (e.g. ``fgd`` and ``defeat`` both use the box masks) compute it once per step.
+The Distiller records a step once (:mod:`detkd.models.taps`) and wraps it in a :class:`StepRecord`; head losses
+read the record, feature losses the :class:`LevelContext` of each level that :meth:`StepRecord.level_context` builds.
+Masks are cached: those that depend only on the boxes, the teacher or the logits are shared by every context of a
+level (e.g. ``fgd`` and ``defeat`` both use the box masks, computed once per step), those that depend on the adapted
+student feature belong to the context of that adapter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from detkd import masks
 
-__all__ = ["LevelContext"]
+__all__ = ["LevelContext", "StepRecord"]
 
 
 @dataclass(eq=False)
@@ -44,17 +50,19 @@ class LevelContext:
     t_cls_logits: Optional[Tensor] = None
     s_cls_logits: Optional[Tensor] = None
     logits_per_anchor: bool = True  # False when the logits were reduced over anchors (teacher/student A differ)
-    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # masks of this (adapted) student feature
+    _shared: dict[Any, Any] = field(default_factory=dict, repr=False)  # masks of the boxes / teacher / logits
 
     @property
     def feat_hw(self) -> tuple[int, int]:
         """Spatial size ``(H, W)`` of the (teacher) feature map."""
         return int(self.t_feat.shape[-2]), int(self.t_feat.shape[-1])
 
-    def _cached(self, key: Any, compute: Any) -> Any:
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+    def _cached(self, key: Any, compute: Any, student_dependent: bool = False) -> Any:
+        cache = self._cache if student_dependent else self._shared
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
 
     def _feat(self, which: Literal["t", "s"]) -> Tensor:
         if which == "t":
@@ -73,12 +81,12 @@ class LevelContext:
     def spatial_attention(self, which: Literal["t", "s"], temperature: float) -> Tensor:
         """Spatial attention (N, H, W) of the teacher (detached) or the student (with grad)."""
         key = ("spatial", which, float(temperature))
-        return self._cached(key, lambda: masks.spatial_attention(self._feat(which), temperature))
+        return self._cached(key, lambda: masks.spatial_attention(self._feat(which), temperature), which == "s")
 
     def channel_attention(self, which: Literal["t", "s"], temperature: float) -> Tensor:
         """Channel attention (N, C) of the teacher (detached) or the student (with grad)."""
         key = ("channel", which, float(temperature))
-        return self._cached(key, lambda: masks.channel_attention(self._feat(which), temperature))
+        return self._cached(key, lambda: masks.channel_attention(self._feat(which), temperature), which == "s")
 
     def level_anchors(self) -> Tensor:
         """``self.anchors`` or, for anchor-free detectors, RetinaNet-style pseudo-anchors (H, W, 9, 4).
@@ -132,8 +140,158 @@ class LevelContext:
         return self._cached(
             ("feature_difference", float(top_k_ratio)),
             lambda: masks.feature_difference_mask(self.t_feat, self.s_feat, top_k_ratio),
+            student_dependent=True,
         )
 
     def clear(self) -> None:
-        """Drop every cached mask (e.g. if the features were replaced)."""
+        """Drop every cached mask of this context (e.g. if the features were replaced)."""
         self._cache.clear()
+        self._shared.clear()
+
+
+class StepRecord:
+    """Everything one distillation step recorded, as the losses read it.
+
+    Args:
+        student: the student's :class:`~detkd.models.taps.ModelRecord` of this step's (first) pass.
+        teacher: the teacher's :class:`~detkd.models.taps.TeacherRecord` on the same padded batch.
+        student_model: the student detector (its anchor generator, box coder and proposal matcher are used to derive
+            anchors, decoded boxes and ROI labels; it is never run here).
+        teacher_model: the teacher detector (its box coder decodes the teacher's codes).
+        student_family: the student's :class:`~detkd.models.families.DetectorFamily`.
+        teacher_family: the teacher's.
+        levels: the levels teacher and student share, finest first.
+        strides: ``{level: stride}`` of the student's levels.
+        with_anchors: put the student's anchors into the level contexts (a loss needs ``anchors``).
+
+    Attributes:
+        image_list: the padded batch (``ImageList``) both models saw.
+        targets: the student's resized targets (pseudo labels merged where configured).
+        image_hw: ``(H, W)`` of the padded canvas.
+        head_levels: the student's levels in its dense head's order (finest first).
+        head_positions: number of feature locations over ``head_levels``.
+    """
+
+    def __init__(
+        self,
+        student: Any,
+        teacher: Any,
+        student_model: nn.Module,
+        teacher_model: nn.Module,
+        student_family: Any,
+        teacher_family: Any,
+        levels: Sequence[str],
+        strides: dict[str, int],
+        with_anchors: bool = False,
+    ) -> None:
+        self.student, self.teacher = student, teacher
+        self.student_model, self.teacher_model = student_model, teacher_model
+        self.student_family, self.teacher_family = student_family, teacher_family
+        self.levels, self.strides, self.with_anchors = tuple(levels), strides, with_anchors
+        self.image_list = student.image_list
+        self.targets = student.targets
+        self.image_hw = tuple(self.image_list.tensors.shape[-2:])
+        s_feats = student.features
+        self.head_levels = sorted(s_feats, key=lambda name: strides[name])
+        self.head_positions = sum(s_feats[k].shape[-2] * s_feats[k].shape[-1] for k in self.head_levels)
+        self._contexts: dict[tuple[str, int], LevelContext] = {}
+        self._shared: dict[str, dict] = {}
+        self._anchors: Optional[list[Tensor]] = None
+        self._roi_labels: Optional[Tensor] = None
+        s_head, t_head = student.head, teacher.head
+        self._s_cls = _split(s_head.get("cls_logits"), s_feats)
+        self._t_cls = _split(t_head.get("cls_logits"), teacher.features)
+        self.logits_per_anchor = True
+        if self._s_cls is not None and self._t_cls is not None:
+            num_classes = s_head["cls_logits"].shape[-1]
+            if any(self._s_cls[k].shape != self._t_cls[k].shape for k in self._s_cls if k in self._t_cls):
+                # e.g. FCOS (1 anchor) vs RetinaNet (9): compare per class, max over each head's own anchors
+                self._s_cls = {k: _max_over_anchors(v, num_classes) for k, v in self._s_cls.items()}
+                self._t_cls = {k: _max_over_anchors(v, num_classes) for k, v in self._t_cls.items()}
+                self.logits_per_anchor = False
+
+    @property
+    def gt_boxes(self) -> list[Tensor]:
+        """The boxes of :attr:`targets`, ``(K_i, 4)`` xyxy canvas pixels per image."""
+        return [t["boxes"] for t in self.targets]
+
+    def anchors(self) -> list[Tensor]:
+        """The student's anchors per image, ``(sum_l H_l*W_l*A, 4)`` xyxy on the padded canvas (computed once)."""
+        if self._anchors is None:
+            generator = self.student_family.anchor_generator(self.student_model)
+            feats = [self.student.features[k] for k in self.head_levels]
+            with torch.no_grad():
+                self._anchors = generator(self.image_list, feats)
+        return self._anchors
+
+    def level_anchors(self, level: str) -> Optional[Tensor]:
+        """The anchors of one level as ``(H, W, A, 4)`` (identical for every image of the padded batch)."""
+        counts = self.student_family.anchors_per_location(self.student_model)
+        if not counts:
+            return None
+        all_anchors = self.anchors()[0]
+        start = 0
+        for name, a in zip(self.head_levels, counts):
+            h, w = self.student.features[name].shape[-2:]
+            if name == level:
+                return all_anchors[start : start + h * w * a].reshape(h, w, a, 4)
+            start += h * w * a
+        return None
+
+    def decode_student(self, rel_codes: Tensor, anchors: Tensor) -> Tensor:
+        """The student's box codes at ``anchors`` -> boxes ``(P, 4)`` xyxy (its family's decoding)."""
+        return self.student_family.decode(self.student_model, rel_codes, anchors)
+
+    def decode_teacher(self, rel_codes: Tensor, anchors: Tensor) -> Tensor:
+        """The teacher's box codes at ``anchors`` -> boxes ``(P, 4)`` xyxy (its family's decoding)."""
+        return self.teacher_family.decode(self.teacher_model, rel_codes, anchors)
+
+    def roi_labels(self) -> Tensor:
+        """Faster R-CNN: the class each sampled student proposal is matched to (0 = background), ``(sum_i R_i,)``,
+        by the student's own proposal matcher (computed once)."""
+        if self._roi_labels is None:
+            labels = [t["labels"] for t in self.targets]
+            roi = self.student_model.roi_heads
+            _, assigned = roi.assign_targets_to_proposals(self.student.proposals, self.gt_boxes, labels)
+            self._roi_labels = torch.cat(assigned)
+        return self._roi_labels
+
+    def level_context(self, level: str, adapter: Optional[nn.Module] = None) -> LevelContext:
+        """The context of ``level`` with the student feature passed through ``adapter`` (one per adapter; contexts
+        of one level share the masks that do not depend on the student feature)."""
+        key = (level, id(adapter))
+        if key in self._contexts:
+            return self._contexts[key]
+        s_feat = self.student.features[level]
+        if adapter is not None:
+            s_feat = adapter(s_feat)
+        t_feat = self.teacher.features[level]
+        if s_feat.shape[-2:] != t_feat.shape[-2:]:
+            s_feat = F.interpolate(s_feat, size=t_feat.shape[-2:], mode="bilinear", align_corners=False)
+        ctx = LevelContext(
+            name=level,
+            stride=self.strides[level],
+            image_hw=self.image_hw,
+            boxes=self.gt_boxes,
+            s_feat=s_feat,
+            t_feat=t_feat,
+            anchors=self.level_anchors(level) if self.with_anchors else None,
+            t_cls_logits=self._t_cls.get(level) if self._t_cls is not None else None,
+            s_cls_logits=self._s_cls.get(level) if self._s_cls is not None else None,
+            logits_per_anchor=self.logits_per_anchor,
+            _shared=self._shared.setdefault(level, {}),
+        )
+        self._contexts[key] = ctx
+        return ctx
+
+
+def _split(flat: Optional[Tensor], feats: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
+    from detkd.models.taps import split_per_level
+
+    return None if flat is None else split_per_level(flat, feats)
+
+
+def _max_over_anchors(logits: Tensor, num_classes: int) -> Tensor:
+    """(N, A*K, H, W) -> (N, K, H, W): the highest logit of each class over the anchors of a location."""
+    n, ak, h, w = logits.shape
+    return logits.reshape(n, ak // num_classes, num_classes, h, w).amax(dim=1)

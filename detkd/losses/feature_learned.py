@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from detkd.losses import functional as KF
+from detkd.losses.base import FeatureLoss
 from detkd.losses.context import LevelContext
 from detkd.losses.feature_blocks import GcBlock, LevelModules, NonLocalBlock
 
@@ -37,7 +38,7 @@ class NonLocalPair(nn.Module):
         self.teacher = NonLocalBlock(channels)
 
 
-class FGDLoss(nn.Module):
+class FGDLoss(FeatureLoss):
     """Focal and Global Distillation (Yang et al., CVPR 2022, "Focal and Global Knowledge Distillation for
     Detectors")::
 
@@ -90,8 +91,16 @@ class FGDLoss(nn.Module):
         global_ = KF.fgd_global_loss(pair.student(s_feat), pair.teacher(t_feat.detach()), self.lambda_)
         return focal + attention + global_
 
+    def weight_map(self, ctx: LevelContext) -> Tensor:
+        """The focal term's (Eq. 5) ``W = (alpha * fg + beta * bg) * A_s^t / N`` with the teacher's spatial attention
+        ``A_s^t``; ``e = sum_c A_c^t (s - t)^2`` (teacher channel attention). The attention and global terms weigh
+        no location."""
+        fg, bg = ctx.box_masks()
+        a_s = ctx.spatial_attention("t", self.temperature).detach()
+        return (self.alpha * fg + self.beta * bg) * a_s / ctx.t_feat.shape[0]
 
-class AttentionGuidedLoss(nn.Module):
+
+class AttentionGuidedLoss(FeatureLoss):
     """Attention-guided (+ optional non-local) distillation (Zhang & Ma, ICLR 2021, "Improve Object Detection with
     Feature-based Knowledge Distillation: Towards Accurate and Efficient Detectors")::
 
@@ -150,3 +159,9 @@ class AttentionGuidedLoss(nn.Module):
             s_rel = pair.adapt(pair.student(s_feat))
             loss = loss + self.non_local_weight * KF.nonlocal_relation_loss(s_rel, pair.teacher(t_feat.detach()))
         return loss
+
+    def weight_map(self, ctx: LevelContext) -> Tensor:
+        """``W = M_s = (A_s^t + A_s^s) / 2``; the term is ``feat_weight * sqrt(sum W e)`` with
+        ``e = sum_c M_c (s - t)^2`` (the weight under the square root). The transfer term weighs no location."""
+        temp = self.temperature
+        return ((ctx.spatial_attention("t", temp) + ctx.spatial_attention("s", temp)) / 2).detach()

@@ -1,9 +1,10 @@
 """Head distillation: pseudo labels, dense-head logit/box KD, and ROI-level KD for Faster R-CNN.
 
-Each head loss is an ``nn.Module`` called once per step with the :class:`detkd.distiller.DistillStep` (the
-student's recorded outputs, the teacher's features/head outputs on the same padded batch, the resized targets).
-``attach(distiller)`` runs when the Distiller is built and raises a ValueError for a teacher/student pair the loss
-cannot serve, so a mismatch fails at start-up, not at step 10,000.
+Each head loss is a :class:`~detkd.losses.base.HeadLoss` called once per step with the step's
+:class:`~detkd.losses.context.StepRecord` (the student's recorded outputs, the teacher's features / head outputs / ROI
+predictions on the same padded batch, the resized targets); it declares in ``needs`` what the teacher must compute.
+``check_pair`` runs when the Distiller is built and raises a ValueError for a teacher/student pair the loss cannot
+serve, so a mismatch fails at start-up, not at step 10,000.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
+from detkd.losses.base import HeadLoss, PairInfo
 from detkd.losses.logit_functional import alpha_divergence_loss, dkd_loss, kd_loss, sigmoid_kd_loss
 from detkd.pseudo_labels import PSEUDO_LABEL_MODES, make_pseudo_targets
 
-DENSE = ("retinanet", "fcos")
 
-
-class PseudoLabelDistill(nn.Module):
+class PseudoLabelDistill(HeadLoss):
     """Teacher detections as targets for the student's own detection loss (seeds: "T outputs pseudo labels and S
     learns from them, like semi-supervised detection"; e.g. Unbiased Teacher, Liu et al., ICLR 2021).
 
@@ -37,7 +37,8 @@ class PseudoLabelDistill(nn.Module):
     Works for every student family, and for any teacher (heterogeneous pairs included).
     """
 
-    is_pseudo_labeler = True
+    needs = frozenset({"teacher_dets"})
+    makes_targets = True
 
     def __init__(
         self,
@@ -83,7 +84,7 @@ class PseudoLabelDistill(nn.Module):
         )
 
     @torch.no_grad()
-    def forward(self, detections: list[dict[str, Tensor]], targets: list[dict[str, Any]]):
+    def make_targets(self, detections: list[dict[str, Tensor]], targets: list[dict[str, Any]]):
         """Returns ``(targets for the student's task loss, targets for a separate term or None)``."""
         pseudo_only = self._pseudo(detections, targets, "replace")
         unlabeled = [bool(t.get("unlabeled", False)) for t in targets]
@@ -97,13 +98,13 @@ class PseudoLabelDistill(nn.Module):
         return main, pseudo_only
 
 
-def _flat_mask(step, kind: str, temperature: float, num_anchors: int) -> Optional[Tensor]:
+def _flat_mask(record, kind: str, temperature: float, num_anchors: int) -> Optional[Tensor]:
     """A per-position weight (N, P) for the dense head, from a per-level mask (N, H, W) repeated over anchors."""
     if kind == "none":
         return None
     parts = []
-    for level in step.head_levels:
-        ctx = step.level_context(level, None)
+    for level in record.head_levels:
+        ctx = record.level_context(level, None)
         if kind == "fg":
             fg, _ = ctx.box_masks()
             mask = (fg > 0).float()
@@ -121,7 +122,7 @@ def _flat_mask(step, kind: str, temperature: float, num_anchors: int) -> Optiona
     return torch.cat(parts, dim=1).detach()
 
 
-class DenseHeadKD(nn.Module):
+class DenseHeadKD(HeadLoss):
     """Logit and box distillation at matched anchors/locations of RetinaNet or FCOS heads.
 
     Per position ``p`` (all levels, all anchors; torchvision's flat head order):
@@ -138,10 +139,10 @@ class DenseHeadKD(nn.Module):
       positions, times ``ctrness_weight``.
 
     Requires both detectors to be dense heads of the same family with identical anchors per location and levels:
-    checked by :meth:`attach` (heterogeneous heads use ``pseudo_label``).
+    checked by :meth:`check_pair` (heterogeneous heads use ``pseudo_label``).
     """
 
-    needs_teacher_head = True
+    needs = frozenset({"teacher_head"})
 
     def __init__(
         self,
@@ -167,29 +168,32 @@ class DenseHeadKD(nn.Module):
         self.conf_thr = conf_thr
         self.ctrness_weight = ctrness_weight
 
-    def attach(self, distiller) -> None:
-        t_fam, s_fam = distiller.teacher_family, distiller.student_family
-        if t_fam not in DENSE or s_fam not in DENSE or t_fam != s_fam:
+    def check_pair(self, pair: PairInfo) -> None:
+        t_fam, s_fam = pair.teacher_family, pair.student_family
+        if not (t_fam.logit_kd and s_fam.logit_kd and t_fam is s_fam):
             raise ValueError(
-                f"logit_kd distils dense-head logits at matched positions and needs a RetinaNet->RetinaNet or "
-                f"FCOS->FCOS pair; this recipe pairs a {t_fam} teacher with a {s_fam} student, whose heads do not "
-                f"line up. Use pseudo_label for heterogeneous pairs."
+                f"logit_kd distils dense-head logits at matched positions and needs a teacher and a student of one "
+                f"family with such a head (RetinaNet->RetinaNet or FCOS->FCOS); this recipe pairs a {t_fam.name} "
+                f"teacher with a {s_fam.name} student, whose heads do not line up. Use pseudo_label for "
+                f"heterogeneous pairs."
             )
-        t_anchors = _anchors_per_location(distiller.teacher)
-        s_anchors = _anchors_per_location(distiller.student)
-        if t_anchors != s_anchors or sorted(distiller.t_strides) != sorted(distiller.s_strides):
+        if pair.teacher_anchors != pair.student_anchors or sorted(pair.teacher_strides) != sorted(
+            pair.student_strides
+        ):
             raise ValueError(
                 f"logit_kd needs the same anchors per location and levels in teacher and student: teacher "
-                f"{t_anchors} anchors on {sorted(distiller.t_strides)}, student {s_anchors} anchors on "
-                f"{sorted(distiller.s_strides)}. Build both with the same anchor_sizes, or use pseudo_label."
+                f"{list(pair.teacher_anchors)} anchors on {sorted(pair.teacher_strides)}, student "
+                f"{list(pair.student_anchors)} anchors on {sorted(pair.student_strides)}. Build both with the same "
+                f"anchor_sizes, or use pseudo_label."
             )
 
-    def forward(self, step) -> dict[str, Tensor]:
-        s_cls, t_cls = step.s_head["cls_logits"], step.t_head["cls_logits"]
+    def forward(self, record) -> dict[str, Tensor]:
+        s_head, t_head = record.student.head, record.teacher.head
+        s_cls, t_cls = s_head["cls_logits"], t_head["cls_logits"]
         if s_cls.shape != t_cls.shape:
             raise RuntimeError(f"logit_kd: student logits {tuple(s_cls.shape)} vs teacher {tuple(t_cls.shape)}")
         n, p, k = s_cls.shape
-        weight = _flat_mask(step, self.mask, self.mask_temperature, p // step.head_positions)
+        weight = _flat_mask(record, self.mask, self.mask_temperature, p // record.head_positions)
         losses = {
             "cls": sigmoid_kd_loss(
                 s_cls.reshape(n * p, k),
@@ -200,10 +204,10 @@ class DenseHeadKD(nn.Module):
         }
         confident = t_cls.detach().sigmoid().amax(dim=2) >= self.conf_thr  # (N, P)
         if self.box_weight > 0:
-            losses["box"] = self.box_weight * self._box_loss(step, confident)
-        if self.ctrness_weight > 0 and "bbox_ctrness" in step.s_head:
-            s_ctr = step.s_head["bbox_ctrness"].reshape(n, p)
-            t_ctr = step.t_head["bbox_ctrness"].reshape(n, p).sigmoid()
+            losses["box"] = self.box_weight * self._box_loss(record, confident)
+        if self.ctrness_weight > 0 and "bbox_ctrness" in s_head:
+            s_ctr = s_head["bbox_ctrness"].reshape(n, p)
+            t_ctr = t_head["bbox_ctrness"].reshape(n, p).sigmoid()
             if confident.any():
                 losses["ctrness"] = self.ctrness_weight * F.binary_cross_entropy_with_logits(
                     s_ctr[confident], t_ctr[confident]
@@ -212,37 +216,26 @@ class DenseHeadKD(nn.Module):
                 losses["ctrness"] = s_ctr.sum() * 0.0
         return losses
 
-    def _box_loss(self, step, confident: Tensor) -> Tensor:
-        s_reg, t_reg = step.s_head["bbox_regression"], step.t_head["bbox_regression"]
+    def _box_loss(self, record, confident: Tensor) -> Tensor:
+        s_reg, t_reg = record.student.head["bbox_regression"], record.teacher.head["bbox_regression"]
         if not confident.any():
             return s_reg.sum() * 0.0
-        anchors = torch.stack(step.anchors())  # (N, P, 4)
-        s_boxes = _decode(step.student, s_reg[confident], anchors[confident])
-        t_boxes = _decode(step.teacher, t_reg[confident].detach(), anchors[confident])
+        anchors = torch.stack(record.anchors())  # (N, P, 4)
+        s_boxes = record.decode_student(s_reg[confident], anchors[confident])
+        t_boxes = record.decode_teacher(t_reg[confident].detach(), anchors[confident])
         if self.box_loss == "giou":
             return generalized_box_iou_loss(s_boxes, t_boxes, reduction="mean")
         size = (anchors[confident][:, 2:] - anchors[confident][:, :2]).repeat(1, 2).clamp(min=1.0)
         return (torch.abs(s_boxes - t_boxes) / size).sum(dim=1).mean()
 
 
-def _anchors_per_location(detector: nn.Module) -> list[int]:
-    return list(detector.anchor_generator.num_anchors_per_location())
-
-
-def _decode(detector: nn.Module, rel_codes: Tensor, anchors: Tensor) -> Tensor:
-    coder = detector.box_coder
-    if hasattr(coder, "decode_single"):  # RetinaNet's BoxCoder
-        return coder.decode_single(rel_codes, anchors)
-    return coder.decode(rel_codes, anchors)  # FCOS's BoxLinearCoder
-
-
-class RoIHeadKD(nn.Module):
+class RoIHeadKD(HeadLoss):
     """ROI-level KD for a Faster R-CNN pair: the teacher's box head scores exactly the student's sampled proposals.
 
-    A forward pre-hook on the student's ``roi_heads.box_roi_pool`` records the proposals the student sampled this
-    step and a hook on ``box_predictor`` its class logits and box deltas; the teacher's ``box_roi_pool`` ->
-    ``box_head`` -> ``box_predictor`` then run on the same proposals over the teacher's features of the same padded
-    batch. Losses:
+    The step's record holds the proposals the student sampled in its (first) pass and their class logits and box
+    deltas; the Distiller runs the teacher's ``box_roi_pool`` -> ``box_head`` -> ``box_predictor`` on the same
+    proposals over the teacher's features of the same padded batch (``needs``: ``teacher_rois``; ``teacher_rpn``
+    with ``rpn_weight``). Losses:
 
     - ``cls``: ``kd_loss(s, t, T)`` (Hinton), ``dkd_loss`` (Zhao et al., CVPR 2022; targets are the labels the
       student's proposal matcher assigns), or ``alpha_divergence_loss`` (AlphaNet, ICML 2021), chosen by ``loss``;
@@ -250,8 +243,6 @@ class RoIHeadKD(nn.Module):
       teacher on foreground proposals (for the proposal's assigned class), times ``box_weight``;
     - ``rpn`` (``rpn_weight`` > 0): sigmoid KD of the RPN objectness logits at every anchor.
     """
-
-    needs_teacher_head = False
 
     def __init__(
         self,
@@ -271,47 +262,22 @@ class RoIHeadKD(nn.Module):
         self.dkd_beta = dkd_beta
         self.box_weight = box_weight
         self.rpn_weight = rpn_weight
-        self._record: dict[str, Any] = {}
-        self._handles: list = []
+        self.needs = frozenset({"teacher_rois"} | ({"teacher_rpn"} if rpn_weight > 0 else set()))
 
-    def attach(self, distiller) -> None:
-        if distiller.teacher_family != "faster_rcnn" or distiller.student_family != "faster_rcnn":
+    def check_pair(self, pair: PairInfo) -> None:
+        t_fam, s_fam = pair.teacher_family, pair.student_family
+        if t_fam.head != "two_stage" or s_fam.head != "two_stage":
             raise ValueError(
-                f"roi_kd needs a Faster R-CNN teacher and student (it runs the teacher's ROI head on the student's "
-                f"proposals); this recipe pairs a {distiller.teacher_family} teacher with a "
-                f"{distiller.student_family} student. Use pseudo_label for heterogeneous pairs."
+                f"roi_kd needs a Faster R-CNN (two-stage) teacher and student (it runs the teacher's ROI head on the "
+                f"student's proposals); this recipe pairs a {t_fam.name} teacher with a {s_fam.name} student. Use "
+                f"pseudo_label for heterogeneous pairs."
             )
-        roi = distiller.student.roi_heads
-        self._handles = [
-            roi.box_roi_pool.register_forward_pre_hook(self._record_proposals),
-            roi.box_predictor.register_forward_hook(self._record_predictions),
-        ]
-        if self.rpn_weight > 0:
-            self._handles.append(distiller.student.rpn.head.register_forward_hook(self._record_rpn))
 
-    def _record_proposals(self, module, args) -> None:
-        features, proposals, image_shapes = args
-        self._record["proposals"] = [p.detach() for p in proposals]
-        self._record["image_shapes"] = image_shapes
-
-    def _record_predictions(self, module, args, output) -> None:
-        self._record["class_logits"], self._record["box_regression"] = output
-
-    def _record_rpn(self, module, args, output) -> None:
-        self._record["objectness"] = output[0]
-
-    def forward(self, step) -> dict[str, Tensor]:
-        rec = self._record
-        proposals, s_logits, s_deltas = rec["proposals"], rec["class_logits"], rec["box_regression"]
-        t_roi = step.teacher.roi_heads
-        with torch.no_grad():
-            pooled = t_roi.box_roi_pool(step.t_backbone_out, proposals, rec["image_shapes"])
-            t_logits, t_deltas = t_roi.box_predictor(t_roi.box_head(pooled))
-        s_roi = step.student.roi_heads
-        gt_boxes = [t["boxes"] for t in step.targets]
-        gt_labels = [t["labels"] for t in step.targets]
-        _, labels = s_roi.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
-        labels = torch.cat(labels)
+    def forward(self, record) -> dict[str, Tensor]:
+        student, teacher = record.student, record.teacher
+        s_logits, s_deltas = student.roi_logits, student.roi_deltas
+        t_logits, t_deltas = teacher.roi_logits, teacher.roi_deltas
+        labels = record.roi_labels()
         if self.loss == "kd":
             cls = kd_loss(s_logits, t_logits, self.temperature)
         elif self.loss == "dkd":
@@ -327,16 +293,13 @@ class RoIHeadKD(nn.Module):
             box = F.smooth_l1_loss(s_d, t_d, beta=1 / 9, reduction="sum") / max(labels.numel(), 1)
             losses["box"] = self.box_weight * box
         if self.rpn_weight > 0:
-            with torch.no_grad():
-                t_obj, _ = step.teacher.rpn.head(list(step.t_backbone_out.values()))
-            s_obj = torch.cat([o.flatten() for o in rec["objectness"]])
-            t_obj = torch.cat([o.flatten() for o in t_obj])
+            s_obj = torch.cat([o.flatten() for o in student.rpn_objectness])
+            t_obj = torch.cat([o.flatten() for o in teacher.rpn_objectness])
             losses["rpn"] = self.rpn_weight * sigmoid_kd_loss(s_obj[:, None], t_obj[:, None], self.temperature)
-        rec.clear()
         return losses
 
 
-HEAD_LOSSES: dict[str, type] = {
+HEAD_LOSSES: dict[str, type[HeadLoss]] = {
     "pseudo_label": PseudoLabelDistill,
     "logit_kd": DenseHeadKD,
     "roi_kd": RoIHeadKD,

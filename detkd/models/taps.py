@@ -14,12 +14,12 @@ A :class:`FeatureTap` (a *recorder* in MMRazor's vocabulary) hooks ``model.backb
 The level strides are measured once, on the first recorded forward, from the padded input size and the feature sizes
 (:func:`infer_strides`).
 
-Faster R-CNN: only the backbone/FPN is tapped here. A later ROI-level distillation tap will hook
-``model.rpn.head`` (``RPNHead``: per level objectness ``(N, A, H, W)`` and deltas ``(N, 4A, H, W)``), ``model.rpn``
-(proposals ``list[Tensor(R_i, 4)]``), ``model.roi_heads.box_roi_pool`` (``MultiScaleRoIAlign`` on backbone keys
-``"0".."3"``: ``(sum_i R_i, C, 7, 7)``), ``model.roi_heads.box_head`` (``(sum_i R_i, 1024)``) and
-``model.roi_heads.box_predictor`` (class logits ``(sum_i R_i, K)`` and box deltas ``(sum_i R_i, 4K)``). In training
-``roi_heads`` samples proposals at random, so teacher and student must be run on the student's sampled ROIs.
+One distillation step is *recorded* here (DESIGN.md, "One distillation step"): a :class:`ModelRecorder` hooks the
+student (its transform, backbone, dense head and, for Faster R-CNN, the RPN head, the ROI pooler's sampled proposals
+and the box predictor) and hands out one :class:`ModelRecord` per forward pass; :func:`run_teacher` runs a frozen
+teacher on the student's padded batch (re-normalised to the teacher's own mean/std) and returns a
+:class:`TeacherRecord` with exactly the parts the configured losses need. The losses read these records and nothing
+else.
 """
 
 from __future__ import annotations
@@ -27,17 +27,20 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from detkd.engine.checkpoint import unwrap
 
 HW = tuple[int, int]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The detector inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or the model itself)."""
-    return getattr(model, "module", model)
+    return unwrap(model)
 
 
 def level_name(stride: int) -> str:
@@ -293,3 +296,214 @@ def feature_strides(model: nn.Module, image_size: int = 128) -> dict[str, int]:
 def feature_channels(model: nn.Module, image_size: int = 128) -> dict[str, int]:
     """``{level: channels}`` of the detector's FPN/backbone levels (e.g. ``{"p3": 256, ...}``)."""
     return probe_levels(model, image_size)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records of one step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    """What one forward pass of the student left behind (tensors keep their autograd graph).
+
+    Attributes:
+        image_list: the ``ImageList`` its transform made (the padded, normalised batch both models see).
+        targets: the targets resized by its transform (boxes ``xyxy`` canvas pixels).
+        features: ``{level: (N, C_l, H_l, W_l)}``, fine to coarse.
+        backbone_out: the backbone's own output dict (keys ``"0"``, ``"1"`` ... ``"pool"``), for ROI pooling.
+        head: the dense head's outputs (``cls_logits``, ``bbox_regression``, FCOS ``bbox_ctrness``), or empty.
+        proposals: Faster R-CNN: the proposals its ROI head sampled this pass, per image (detached), else None.
+        image_shapes: Faster R-CNN: the image sizes passed to the ROI pooler.
+        roi_logits: Faster R-CNN: class logits of the sampled proposals ``(sum_i R_i, K)``.
+        roi_deltas: Faster R-CNN: box deltas of the sampled proposals ``(sum_i R_i, 4K)``.
+        rpn_objectness: Faster R-CNN: the RPN head's objectness per level ``(N, A, H_l, W_l)``.
+    """
+
+    image_list: Any = None
+    targets: Optional[list[dict[str, Tensor]]] = None
+    features: dict[str, Tensor] = field(default_factory=dict)
+    backbone_out: Optional[Mapping[str, Tensor]] = None
+    head: dict[str, Tensor] = field(default_factory=dict)
+    proposals: Optional[list[Tensor]] = None
+    image_shapes: Optional[list[tuple[int, int]]] = None
+    roi_logits: Optional[Tensor] = None
+    roi_deltas: Optional[Tensor] = None
+    rpn_objectness: Optional[list[Tensor]] = None
+
+
+class ModelRecorder:
+    """Record every part of a student's forward that a loss may read, one :class:`ModelRecord` per pass.
+
+    Hooks: ``transform`` (padded batch, resized targets), ``backbone`` and the dense ``head`` (through a
+    :class:`FeatureTap`); for a model with ``roi_heads``: a pre-hook on ``box_roi_pool`` (the sampled proposals), a
+    hook on ``box_predictor`` (their logits and deltas) and, when ``record_rpn``, on ``rpn.head``. Only the first call
+    of each hook in a pass is kept, so nothing a later call does overwrites the pass's record.
+
+    Example:
+        >>> recorder = ModelRecorder(student)
+        >>> losses = student(images, targets)
+        >>> record = recorder.take()  # this pass; the recorder is empty again
+    """
+
+    def __init__(self, model: nn.Module, record_rpn: bool = False) -> None:
+        self.model = _unwrap(model)
+        self.tap = FeatureTap(self.model)
+        self._record = ModelRecord()
+        self._handles = [self.model.transform.register_forward_hook(self._on_transform)]
+        roi = getattr(self.model, "roi_heads", None)
+        if roi is not None:
+            self._handles += [
+                roi.box_roi_pool.register_forward_pre_hook(self._on_roi_pool),
+                roi.box_predictor.register_forward_hook(self._on_box_predictor),
+            ]
+            if record_rpn:
+                self._handles.append(self.model.rpn.head.register_forward_hook(self._on_rpn_head))
+
+    def _on_transform(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._record.image_list is None:
+            self._record.image_list, self._record.targets = output
+
+    def _on_roi_pool(self, module: nn.Module, args: Any) -> None:
+        if self._record.proposals is None:
+            features, proposals, image_shapes = args
+            self._record.backbone_out = features
+            self._record.proposals = [p.detach() for p in proposals]
+            self._record.image_shapes = image_shapes
+
+    def _on_box_predictor(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._record.roi_logits is None:
+            self._record.roi_logits, self._record.roi_deltas = output
+
+    def _on_rpn_head(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._record.rpn_objectness is None:
+            self._record.rpn_objectness = list(output[0])
+
+    def take(self) -> ModelRecord:
+        """The record of the pass since the last ``take`` (features and head from the tap); then start afresh."""
+        record = self._record
+        record.features = dict(self.tap.features)
+        record.head = dict(self.tap.head_outputs)
+        self._record = ModelRecord()
+        self.tap.clear()
+        return record
+
+    def clear(self) -> None:
+        """Drop whatever was recorded since the last ``take``."""
+        self._record = ModelRecord()
+        self.tap.clear()
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.tap.remove()
+
+
+@dataclass
+class TeacherRecord:
+    """What a frozen teacher computed on the student's padded batch (no grad).
+
+    Attributes:
+        features: ``{level: (N, C_l, H_l, W_l)}``.
+        backbone_out: the teacher backbone's own output dict.
+        head: its dense-head outputs when a loss needs them, else empty.
+        roi_logits: its ROI head's class logits on the student's sampled proposals (``teacher_rois``), else None.
+        roi_deltas: its ROI head's box deltas on those proposals, else None.
+        rpn_objectness: its RPN objectness per level (``teacher_rpn``), else None.
+        detections: its post-processed detections on the batch images (``teacher_dets``), else None.
+    """
+
+    features: dict[str, Tensor] = field(default_factory=dict)
+    backbone_out: Optional[Mapping[str, Tensor]] = None
+    head: dict[str, Tensor] = field(default_factory=dict)
+    roi_logits: Optional[Tensor] = None
+    roi_deltas: Optional[Tensor] = None
+    rpn_objectness: Optional[list[Tensor]] = None
+    detections: Optional[list[dict[str, Tensor]]] = None
+
+
+def renormalize(
+    tensors: Tensor,
+    image_sizes: Sequence[tuple[int, int]],
+    src: tuple[Sequence[float], Sequence[float]],
+    dst: tuple[Sequence[float], Sequence[float]],
+) -> Tensor:
+    """A padded batch normalised with ``src = (mean, std)`` -> the same batch normalised with ``dst``.
+
+    Inside each image ``x -> ((x * std_s + mean_s) - mean_d) / std_d``; the padding stays 0, as the destination
+    model's own transform would pad it. Returns ``tensors`` itself when the two normalisations are equal.
+
+    Args:
+        tensors: ``(N, 3, H, W)`` padded batch.
+        image_sizes: ``(h, w)`` of each image inside the canvas.
+        src: the normalisation the batch has.
+        dst: the normalisation wanted.
+    """
+    if tuple(src[0]) == tuple(dst[0]) and tuple(src[1]) == tuple(dst[1]):
+        return tensors
+    shape = (1, -1, 1, 1)
+    s_mean, s_std, d_mean, d_std = (tensors.new_tensor(list(v)).reshape(shape) for v in (*src, *dst))
+    out = (tensors * s_std + s_mean - d_mean) / d_std
+    h_max, w_max = tensors.shape[-2:]
+    rows = torch.arange(h_max, device=tensors.device)
+    cols = torch.arange(w_max, device=tensors.device)
+    sizes = torch.as_tensor([list(s) for s in image_sizes], device=tensors.device)  # (N, 2)
+    inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+    return out * inside[:, None].to(out.dtype)
+
+
+@torch.no_grad()
+def run_teacher(
+    teacher: nn.Module,
+    tap: FeatureTap,
+    canvas: Tensor,
+    student: ModelRecord,
+    needs: frozenset[str],
+    dense_head: bool,
+    detections: Optional[list[dict[str, Tensor]]] = None,
+    detection_pass: Optional[tuple[Tensor, Mapping[str, Tensor], dict[str, Tensor], dict[str, Tensor]]] = None,
+) -> TeacherRecord:
+    """Run the frozen ``teacher`` once on the (already re-normalised) padded batch ``canvas``, computing only what
+    ``needs`` asks for (names of :data:`detkd.losses.base.NEEDS`).
+
+    Args:
+        teacher: the teacher detector (eval mode).
+        tap: a :class:`FeatureTap` on the teacher (names its levels).
+        canvas: ``(N, 3, H, W)`` the student's padded batch in the teacher's normalisation.
+        student: the student's record of this step (its sampled proposals, for ``teacher_rois``).
+        needs: what to compute beyond the features.
+        dense_head: the teacher's family has a dense head (RetinaNet, FCOS) whose outputs ``teacher_head`` means.
+        detections: the teacher's detections on this batch when they were made already (pseudo labels are made
+            before the student's pass), kept in the record.
+        detection_pass: ``(canvas, backbone output, features, head outputs)`` recorded during that detection pass;
+            when its canvas equals ``canvas`` exactly, its backbone (and dense-head) outputs are reused instead of
+            computed again, so the teacher's backbone runs once per step.
+    """
+    record = TeacherRecord(detections=detections)
+    head = getattr(teacher, "head", None)
+    want_head = "teacher_head" in needs and dense_head and head is not None
+    reuse = detection_pass is not None and detection_pass[0].shape == canvas.shape
+    reuse = reuse and torch.equal(detection_pass[0], canvas)
+    if reuse:
+        _, out, record.features, pass_head = detection_pass
+        if want_head and pass_head:
+            record.head = dict(pass_head)
+    else:
+        tap.clear()
+        out = teacher.backbone(canvas)
+        if torch.is_tensor(out):  # a backbone without FPN returns one map
+            out = OrderedDict([("0", out)])
+        record.features = dict(tap.features)
+    record.backbone_out = out
+    if want_head and not record.head:
+        record.head = dict(head(list(out.values())))
+    roi = getattr(teacher, "roi_heads", None)
+    if "teacher_rois" in needs and roi is not None and student.proposals is not None:
+        pooled = roi.box_roi_pool(out, student.proposals, student.image_shapes)
+        record.roi_logits, record.roi_deltas = roi.box_predictor(roi.box_head(pooled))
+    if "teacher_rpn" in needs and roi is not None:
+        record.rpn_objectness = list(teacher.rpn.head(list(out.values()))[0])
+    tap.clear()
+    return record
