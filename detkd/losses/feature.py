@@ -1,12 +1,10 @@
-"""Feature-distillation losses and their registry.
+"""The feature-loss registry: config names -> :class:`~detkd.losses.base.FeatureLoss` classes.
 
-Each registered class is an ``nn.Module`` with ``forward(s_feat, t_feat, ctx) -> scalar`` (see
-:class:`~detkd.losses.context.LevelContext`) and a constructor of explicit, annotated keyword arguments with defaults;
-the config system validates a recipe's parameters against that signature. Losses with learnable parts (``fgd``,
-``attention`` with ``non_local``) expose ``setup_levels({level: teacher channels})``, to be called before the
-optimizer is built.
+Each registered class follows the protocol of :mod:`detkd.losses.base` (``forward(s_feat, t_feat, ctx) -> scalar``
+on one level, ``needs``, ``weight_map``) and has a constructor of explicit, annotated keyword arguments with
+defaults; the config system validates a recipe's parameters against that signature. Losses defined elsewhere join
+through :func:`detkd.losses.register_feature_loss`.
 """
-
 from __future__ import annotations
 
 import inspect
