@@ -129,3 +129,70 @@ def test_a_registered_loss_validates_trains_and_draws(tiny_data, tmp_path, teach
     assert any(str(p).endswith(".png") for p in paths)
     html = (tmp_path / "vis" / "index.html").read_text()
     assert "centre_mse" in html
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A detector family from outside detkd
+# ----------------------------------------------------------------------------------------------------------------
+
+from torchvision.models.detection import RetinaNet  # noqa: E402
+
+from detkd.models.build import DENSE_STRIDES, build_retinanet  # noqa: E402
+from detkd.models.families import FAMILIES, DetectorFamily, register_family  # noqa: E402
+
+
+class ThreeAnchorRetinaNet(RetinaNet):
+    """Test family: RetinaNet with one anchor size per level (3 aspect ratios) instead of 3 x 3."""
+
+
+def build_three_anchor_retinanet(spec, num_classes, backbone_state_dict=None):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    model = build_retinanet(spec, num_classes, backbone_state_dict)
+    model.anchor_generator = AnchorGenerator(tuple((2 * s,) for s in DENSE_STRIDES), ((0.5, 1.0, 2.0),) * 5)
+    model.head = RetinaNetHead(spec.fpn_channels, 3, num_classes)
+    model.__class__ = ThreeAnchorRetinaNet
+    return model
+
+
+if "retinanet3" not in FAMILIES:
+    register_family(
+        DetectorFamily(
+            "retinanet3", ThreeAnchorRetinaNet, build_three_anchor_retinanet, DENSE_STRIDES, "dense", logit_kd=True,
+            class_dependent_prefixes=("head.classification_head.",),
+            decode=lambda model, codes, anchors: model.box_coder.decode_single(codes, anchors),
+        )
+    )  # fmt: skip
+
+
+def test_a_registered_family_builds_from_a_recipe_and_distils(tiny_data, tmp_path):
+    from detkd.distiller import build_distiller_from_cfg
+    from detkd.models.build import detector_family
+
+    torch.manual_seed(0)
+    teacher = build_detector("retinanet3", "resnet18", NUM_CLASSES, fpn_channels=32, min_size=64, max_size=64)
+    assert detector_family(teacher) == "retinanet3"
+    assert list(teacher.anchor_generator.num_anchors_per_location()) == [3] * 5
+    ckpt = tmp_path / "t3.pth"
+    torch.save(teacher.state_dict(), ckpt)
+    path = tiny_recipe(
+        tiny_data,
+        tmp_path,
+        "family",
+        teacher={**tiny_model("retinanet3", fpn_channels=32), "checkpoint": str(ckpt)},
+        student=tiny_model("retinanet3", fpn_channels=16),
+        distill={"features": [{"type": "fgfi"}], "head": [{"type": "logit_kd", "conf_thr": 0.0}]},
+    )
+    cfg = load_config(path)
+    distiller = build_distiller_from_cfg(cfg, NUM_CLASSES).train()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    losses = distiller(images, targets)
+    assert losses["distill/logit_kd/box"] > 0 and losses["distill/fgfi/p3"] > 0  # anchors from the family
+    with pytest.raises(ValueError, match=r"retinanet3 teacher with a retinanet student"):
+        cfg2 = load_config(path, ["student.arch=retinanet"])
+        build_distiller_from_cfg(cfg2, NUM_CLASSES)
+    with pytest.raises(ConfigError, match=r"unknown detector 'retinanet4'; valid: .*retinanet3"):
+        load_config(path, ["student.arch=retinanet4"])
