@@ -119,7 +119,7 @@ def measure(pair: str, method: str, part: str, args: argparse.Namespace) -> dict
         feature = [LossSpec(method, build_feature_loss(method), 1.0, "all")]
     elif method in HEAD_METHODS:
         module = HEAD_LOSSES["roi_kd" if method == "dkd" else method](**HEAD_METHODS[method])
-        if getattr(module, "is_pseudo_labeler", False):
+        if module.makes_targets:
             module.set_category_map({i: i for i in range(1, args.num_classes)})
             pseudo = module
         else:
