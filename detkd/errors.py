@@ -31,6 +31,10 @@ class DataError(DetkdError, ValueError):
     kind = "data error"
 
 
+class DataNotFoundError(DataError, FileNotFoundError):
+    """An annotation file or image that does not exist."""
+
+
 class CheckpointError(DetkdError, RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, not a checkpoint, unsafe, or another architecture."""
 
@@ -47,3 +51,12 @@ class RunError(DetkdError, RuntimeError):
 
 class NonFiniteLossError(RunError, FloatingPointError):
     """A NaN or infinite loss; the message lists every loss term of that iteration."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The file is a checkpoint, but not of this model (another architecture, width or class count), or holds no
+    state_dict."""
