@@ -19,8 +19,6 @@ import io
 import json
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -29,6 +27,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
+
+from detkd.engine.checkpoint import unwrap
+from detkd.files import atomic_write
 
 __all__ = [
     "SUMMARY_KEYS",
@@ -205,28 +206,14 @@ def coco_evaluate(
     return metrics
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model`` itself."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
 def _write_json_atomic(obj: Any, path: Union[str, os.PathLike], indent: Optional[int] = 2) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`detkd.files.atomic_write`)."""
+
+    def write(f) -> None:
+        json.dump(obj, f, indent=indent, default=_json_default)
+        f.write("\n")
+
+    atomic_write(path, write, binary=False)
 
 
 @torch.no_grad()
@@ -259,7 +246,7 @@ def evaluate(
     Returns:
         The metrics of :func:`coco_evaluate` over the images seen.
     """
-    net = _unwrap(model)
+    net = unwrap(model)
     was_training = net.training
     net.eval()
     device = torch.device(device)
