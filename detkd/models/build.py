@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 import torchvision
@@ -65,6 +65,7 @@ from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNe
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detkd.engine.checkpoint import load_detector_weights, load_state_dict_checked
 from detkd.models.families import FAMILIES, DetectorFamily, family_of, get_family, list_families, register_family
 from detkd.models.spec import DetectorSpec, to_spec
 
@@ -472,65 +473,8 @@ def fetch_weights(weights: WeightsEnum, name: str) -> dict[str, torch.Tensor]:
 
 
 def _load_checked(model: nn.Module, state: StateDict, source: str, skip_prefixes: Sequence[str] = ()) -> list[str]:
-    """Load ``state`` into ``model`` after checking names and shapes; return the keys skipped.
-
-    Keys under ``skip_prefixes`` whose shape differs are skipped (class-dependent layers of pretrained detectors);
-    any other missing, unexpected or mis-shaped key raises. ``num_batches_tracked`` buffers may be absent on either
-    side (``FrozenBatchNorm2d`` has none).
-    """
-    own = model.state_dict()
-    nbt = "num_batches_tracked"
-    missing = [k for k in own if k not in state and not k.endswith(nbt)]
-    unexpected = [k for k in state if k not in own and not k.endswith(nbt)]
-    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    skipped = [k for k in mismatched if k.startswith(tuple(skip_prefixes))]
-    mismatched = [k for k in mismatched if k not in skipped]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            shown = "; ".join(
-                f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:5]
-            )
-            parts.append(f"{len(mismatched)} tensors differ in shape ({shown})")
-        if missing:
-            parts.append(f"{len(missing)} model keys are missing from it ({', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} of its keys are not in the model ({', '.join(unexpected[:5])})")
-        raise RuntimeError(
-            f"{source} does not fit this {type(model).__name__}: {'; '.join(parts)}. Was it saved from another "
-            f"arch, backbone, fpn_channels, anchor setting or number of classes?"
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k not in skipped and k in own}, strict=False)
-    return skipped
-
-
-def load_detector_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Load a checkpoint file into ``model`` strictly (names and shapes must match).
-
-    Args:
-        model: the detector.
-        path: a file saved with ``torch.save``: a plain state_dict, or a dict with a ``"model"`` state_dict (detkd
-            checkpoints). A ``"module."`` prefix on every key (DDP) is stripped. Loaded with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds no state_dict.
-        RuntimeError: names or shapes differ (the first mismatching keys are named).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(
-            f"checkpoint '{path}' holds neither a state_dict nor a dict with a 'model' state_dict (found {keys})"
-        )
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    _load_checked(model, obj, f"checkpoint '{path}'")
+    """:func:`detkd.engine.checkpoint.load_state_dict_checked` (the one checked loader); returns the keys skipped."""
+    return load_state_dict_checked(model, state, source, skip_prefixes=skip_prefixes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
