@@ -248,20 +248,14 @@ def load_student_weights(distiller: nn.Module, path: PathLike) -> str:
     ``"model"`` is the Distiller's ``trainable_state_dict`` (keys ``student.*``, ``adapters.*`` ...; kind
     ``"distiller"``, loaded with ``load_trainable_state_dict``, so adapters and learnable loss parts come too).
     """
-    from detkd.engine.checkpoint import load_checkpoint
+    from detkd.engine.checkpoint import load_checkpoint, load_state_dict_checked, state_dict_of
 
-    state = load_checkpoint(path)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path} holds no state_dict (expected a plain one or {{'model': state_dict}}).")
-    try:
-        if any(k.startswith("student.") for k in state):
-            distiller.load_trainable_state_dict(dict(state))
-            return "distiller"
-        distiller.student.load_state_dict(dict(state))
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not fit the recipe's student: {err}") from err
+    state = state_dict_of(load_checkpoint(path), path)
+    if any(k.startswith("student.") for k in state):
+        expected, load = distiller.trainable_state_dict(), distiller.load_trainable_state_dict
+        load_state_dict_checked(distiller, state, f"checkpoint {path}", expected=expected, load=load)
+        return "distiller"
+    load_state_dict_checked(distiller.student, state, f"checkpoint {path}", target="the recipe's student")
     return "student"
 
 
