@@ -147,6 +147,17 @@ class Distiller(nn.Module):
                 for lvl in used
             }
         )
+        # CrossKD's connectors: every student head level -> the teacher head's width (only when a loss needs them)
+        wants_cross = any("cross_head" in s.module.needs for s in head_losses)
+        head_levels = sorted(self.s_strides, key=lambda n: self.s_strides[n]) if wants_cross else []
+        self.cross_adapters = nn.ModuleDict(
+            {
+                lvl: nn.Conv2d(s_channels[lvl], t_channels[lvl], kernel_size=1)
+                if s_channels[lvl] != t_channels.get(lvl, s_channels[lvl])
+                else nn.Identity()
+                for lvl in head_levels
+            }
+        )
         for spec in self.feature_specs:  # learnable loss parts (e.g. FGD's GcBlocks) exist before the optimizer
             spec.module.setup_levels({lvl: t_channels[lvl] for lvl in spec.levels})
         pair = PairInfo(
@@ -254,6 +265,9 @@ class Distiller(nn.Module):
             strides=self.s_strides,
             with_anchors="anchors" in needs,
         )
+        if "cross_head" in needs:  # with grad: through the frozen teacher head back to the student and adapters
+            feats = [self.cross_adapters[lvl](s_record.features[lvl]) for lvl in record.head_levels]
+            record.cross_head = dict(self.teacher.head(feats))
         return record, losses
 
     @torch.no_grad()

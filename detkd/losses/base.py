@@ -13,6 +13,8 @@ class), a loss declares its needs in :attr:`needs`, a set of these names:
 ``teacher_dets``     the teacher's post-processed detections on the batch's images
 ``anchors``          the student's anchors per level (``ctx.anchors`` / ``record.anchors()``)
 ``cls_logits``       both detectors' per-level classification logits in the level context (difference masks)
+``cross_head``       the teacher's dense head run on the student's FPN features after the Distiller's 1x1
+                     cross-head adapters, with grad (``record.cross_head``; CrossKD)
 ==================== =======================================================================================
 
 **Feature losses** subclass :class:`FeatureLoss`: ``forward(s_feat, t_feat, ctx) -> scalar`` per FPN level, with
@@ -39,7 +41,9 @@ from torch import Tensor, nn
 
 __all__ = ["NEEDS", "FeatureLoss", "HeadLoss", "PairInfo"]
 
-NEEDS = frozenset({"teacher_head", "teacher_rois", "teacher_rpn", "teacher_dets", "anchors", "cls_logits"})
+NEEDS = frozenset(
+    {"teacher_head", "teacher_rois", "teacher_rpn", "teacher_dets", "anchors", "cls_logits", "cross_head"}
+)
 """Every name a loss may list in ``needs``."""
 
 

@@ -170,6 +170,7 @@ class StepRecord:
         image_hw: ``(H, W)`` of the padded canvas.
         head_levels: the student's levels in its dense head's order (finest first).
         head_positions: number of feature locations over ``head_levels``.
+        cross_head: the teacher's dense-head outputs on the adapted student features (``cross_head``), else None.
     """
 
     def __init__(
@@ -198,6 +199,7 @@ class StepRecord:
         self._shared: dict[str, dict] = {}
         self._anchors: Optional[list[Tensor]] = None
         self._roi_labels: Optional[Tensor] = None
+        self.cross_head: Optional[dict[str, Tensor]] = None  # set by the Distiller when a loss needs cross_head
         s_head, t_head = student.head, teacher.head
         self._s_cls = _split(s_head.get("cls_logits"), s_feats)
         self._t_cls = _split(t_head.get("cls_logits"), teacher.features)

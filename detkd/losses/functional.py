@@ -262,4 +262,11 @@ def cwd_loss(s: Tensor, t: Tensor, tau: float = 1.0) -> Tensor:
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum() * tau**2 / (n * c)
 
 
-from detkd.losses.logit_functional import alpha_divergence_loss, dkd_loss, kd_loss, sigmoid_kd_loss  # noqa: E402,F401
+from detkd.losses.logit_functional import (  # noqa: E402,F401
+    alpha_divergence_loss,
+    cross_kd_loss,
+    dkd_loss,
+    kd_loss,
+    quality_focal_kd_loss,
+    sigmoid_kd_loss,
+)

@@ -299,7 +299,10 @@ class RoIHeadKD(HeadLoss):
         return losses
 
 
+from detkd.losses.cross_kd import CrossKDLoss  # noqa: E402 - after the shared helpers above
+
 HEAD_LOSSES: dict[str, type[HeadLoss]] = {
+    "cross_kd": CrossKDLoss,
     "pseudo_label": PseudoLabelDistill,
     "logit_kd": DenseHeadKD,
     "roi_kd": RoIHeadKD,

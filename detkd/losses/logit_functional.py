@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_loss", "sigmoid_kd_loss", "tckd_nckd", "dkd_loss", "alpha_divergence_loss"]
+__all__ = [
+    "kd_loss",
+    "sigmoid_kd_loss",
+    "tckd_nckd",
+    "dkd_loss",
+    "alpha_divergence_loss",
+    "quality_focal_kd_loss",
+    "cross_kd_loss",
+]
 
 # mdistiller masks the target logit (already divided by T) by subtracting this constant before the NCKD softmax.
 _DKD_MASK_MAGNITUDE = 1000.0
@@ -287,3 +295,87 @@ def alpha_divergence_loss(
     value = torch.where(pick_minus, v_minus, v_plus)
     surrogate = torch.where(pick_minus, sur_minus, sur_plus)
     return (value + surrogate - surrogate.detach()).mean()
+
+
+def quality_focal_kd_loss(s_logits: Tensor, t_logits: Tensor, beta: float = 1.0) -> Tensor:
+    """Quality-focal KD for sigmoid heads (the ``KDQualityFocalLoss`` of CrossKD's released code, after GFL's QFL).
+
+    ``loss_p = sum_c BCE(s_pc, q_pc) * |sigmoid(s_pc) - q_pc|^beta`` with the soft target ``q = sigmoid(t)``,
+    averaged over positions ``p``. The modulating factor down-weights positions the student already matches.
+
+    Args:
+        s_logits: Student (or cross-head) logits, (P, C).
+        t_logits: Teacher logits, (P, C); detached inside.
+        beta: Focusing exponent (CrossKD's RetinaNet config: 1).
+
+    Returns:
+        Scalar loss (0 when ``P == 0``).
+    """
+    _check_pair(s_logits, t_logits)
+    if s_logits.shape[0] == 0:
+        return _empty_zero(s_logits)
+    q = t_logits.detach().sigmoid()
+    bce = F.binary_cross_entropy_with_logits(s_logits, q, reduction="none")
+    return (bce * (s_logits.sigmoid() - q).abs().pow(beta)).sum(dim=1).mean()
+
+
+def cross_kd_loss(
+    cross_cls: Tensor,
+    t_cls: Tensor,
+    cross_boxes: Tensor,
+    t_boxes: Tensor,
+    confident: Tensor,
+    temperature: float = 1.0,
+    cls_loss: str = "kd",
+    beta: float = 1.0,
+    cross_ctr: Optional[Tensor] = None,
+    t_ctr: Optional[Tensor] = None,
+) -> dict[str, Tensor]:
+    """CrossKD's prediction mimicking (Wang et al., CVPR 2024, "CrossKD: Cross-Head Knowledge Distillation for
+    Object Detection"): the *cross-head* predictions (student features through the teacher's head) imitate the
+    teacher's own predictions, so the student's head never receives targets that contradict the ground truth.
+
+    Terms, over the ``P`` positions (all anchors / points of all levels)::
+
+        cls     = sigmoid_kd_loss(cross_cls, t_cls, T)              (cls_loss="kd": mean_p T^2 sum_c KL_bin)
+                | quality_focal_kd_loss(cross_cls, t_cls, beta)     (cls_loss="qfl": the authors' code)
+        box     = mean_{p: confident} GIoU_loss(cross_box_p, t_box_p)   (decoded xyxy boxes)
+        ctrness = mean_{p: confident} BCE(cross_ctr_p, sigmoid(t_ctr_p))  (FCOS; only when both are given)
+
+    A term with no confident position is an exact zero connected to the graph.
+
+    Args:
+        cross_cls: Cross-head class logits, (P, K).
+        t_cls: Teacher class logits, (P, K); detached inside.
+        cross_boxes: Cross-head boxes decoded at the positions' anchors, (P, 4) xyxy.
+        t_boxes: Teacher boxes, (P, 4) xyxy; detached inside.
+        confident: Where the teacher is confident (e.g. ``max_c sigmoid(t) >= 0.5``), (P,) bool.
+        temperature: ``T`` of the ``kd`` class term.
+        cls_loss: ``"kd"`` or ``"qfl"``.
+        beta: Focusing exponent of ``qfl``.
+        cross_ctr: Cross-head centerness logits, (P,) (FCOS), or None.
+        t_ctr: Teacher centerness logits, (P,); detached inside.
+
+    Returns:
+        ``{"cls", "box"[, "ctrness"]}`` scalars.
+    """
+    from torchvision.ops import generalized_box_iou_loss
+
+    if cls_loss == "kd":
+        cls = sigmoid_kd_loss(cross_cls, t_cls, temperature)
+    elif cls_loss == "qfl":
+        cls = quality_focal_kd_loss(cross_cls, t_cls, beta)
+    else:
+        raise ValueError(f"cls_loss must be 'kd' or 'qfl', got {cls_loss!r}")
+    out = {"cls": cls}
+    if confident.any():
+        out["box"] = generalized_box_iou_loss(cross_boxes[confident], t_boxes[confident].detach(), reduction="mean")
+    else:
+        out["box"] = cross_boxes.sum() * 0.0
+    if cross_ctr is not None and t_ctr is not None:
+        if confident.any():
+            target = t_ctr.detach()[confident].sigmoid()
+            out["ctrness"] = F.binary_cross_entropy_with_logits(cross_ctr[confident], target)
+        else:
+            out["ctrness"] = cross_ctr.sum() * 0.0
+    return out
