@@ -6,10 +6,17 @@ them in exactly one place (:func:`sum_losses`) and logs each. The module may def
 
 Shape of a run (read top to bottom, like torchvision's ``references/detection``):
 ``fit`` -> for each epoch: ``train_one_epoch`` -> evaluate every ``eval.interval`` epochs -> checkpoint.
+
+Under ``torchrun`` the module is wrapped in ``DistributedDataParallel``; only its registered parameters and buffers
+take part (the Distiller holds its frozen teacher outside them, so no teacher buffer is broadcast), and
+``find_unused_parameters`` is off unless the recipe sets ``train.find_unused_parameters``. The loss terms of a step
+are stacked into one tensor, averaged over the processes, and read to the host once (:func:`reduce_loss_terms`):
+that one read serves the non-finite check, the progress bar and the log; epoch sums stay on the device.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,7 +24,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,7 +37,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from detkd.config import Config, config_to_dict, dump_config
-from detkd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from detkd.engine.checkpoint import (
+    load_checkpoint,
+    load_state_dict_checked,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
+from detkd.errors import CheckpointMismatchError, DataError, NonFiniteLossError, RunError
 
 LOGGER = logging.getLogger("detkd")
 
@@ -43,7 +58,7 @@ LOGGER = logging.getLogger("detkd")
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available (the local rank's GPU under torchrun), else CPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.")
+        raise RunError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -86,13 +101,31 @@ def sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(losses.values())
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
-    """Stop the run on a NaN/inf loss, printing every term so the culprit is visible."""
-    values = {k: float(v.detach()) for k, v in losses.items()}
+def reduce_loss_terms(losses: dict[str, torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """The terms of ``losses`` and their sum ``loss``, detached and stacked into one float64 vector (in the order
+    of ``losses``, the sum last), averaged over the processes when distributed. No host sync."""
+    terms = torch.stack([v.detach().to(torch.float64) for v in (*losses.values(), loss)])
+    if dist.is_initialized():
+        dist.all_reduce(terms)
+        terms /= dist.get_world_size()
+    return terms
+
+
+def check_finite(losses: dict[str, Any], step: int) -> None:
+    """Stop the run on a NaN/inf loss, printing every term so the culprit is visible.
+
+    Args:
+        losses: ``{name: value}``, values as floats (already on the host) or scalar tensors.
+        step: the iteration, for the message.
+
+    Raises:
+        NonFiniteLossError: a term is NaN or infinite (a ``FloatingPointError``; one paragraph from the tools).
+    """
+    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
     if all(math.isfinite(v) for v in values.values()):
         return
     terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-    raise FloatingPointError(
+    raise NonFiniteLossError(
         f"non-finite loss at iteration {step}: {terms}. Lower train.optimizer.lr, set train.grad_clip, or lower "
         f"the weight of the term that diverged."
     )
@@ -195,64 +228,78 @@ class MetricsLogger:
 IterCallback = Callable[["Trainer", int, dict[str, float]], None]
 
 
-def train_one_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
-    """One pass over the training loader: forward -> named losses -> one backward -> step. Returns mean losses."""
-    model, optimizer, device = trainer.model, trainer.optimizer, trainer.device
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: Iterable,
+    device: torch.device,
+    epoch: int,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: RunState,
+    total_iters: int,
+    log_interval: int,
+    grad_clip: Optional[float] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    logger: Optional[MetricsLogger] = None,
+    callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
+    desc: str = "",
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """One pass over ``data_loader``: forward -> named losses -> one backward -> step, until ``state.iteration``
+    reaches ``total_iters``. Returns the mean of every loss term (and ``loss``) over the epoch's iterations, averaged
+    over the processes. ``state.iteration`` counts the steps; ``callbacks`` get ``(iteration, loss values)``."""
     model.train()
-    use_amp = trainer.scaler is not None
-    sums: dict[str, float] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: Optional[torch.Tensor] = None
     count = 0
-    bar = tqdm(
-        trainer.train_loader,
-        desc=f"epoch {epoch + 1}/{trainer.cfg.train.epochs}",
-        disable=not trainer.show_progress,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    bar = tqdm(data_loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
     for images, targets in bar:
-        if trainer.state.iteration >= trainer.total_iters:
+        if state.iteration >= total_iters:
             break
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=device.type, enabled=use_amp):
+        with torch.autocast(device_type=device.type, enabled=scaler is not None):
             losses = model(images, targets)
-        check_finite(losses, trainer.state.iteration)
         loss = sum_losses(losses)
+        terms = reduce_loss_terms(losses, loss)
+        values = dict(zip([*losses, "loss"], terms.tolist()))  # the one host sync of the step
+        check_finite(values, state.iteration)
         optimizer.zero_grad(set_to_none=True)
-        if use_amp:
-            trainer.scaler.scale(loss).backward()
-            trainer.scaler.unscale_(optimizer)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
         else:
             loss.backward()
-        if trainer.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainer.params, trainer.cfg.train.grad_clip)
-        if use_amp:
-            trainer.scaler.step(optimizer)
-            trainer.scaler.update()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
             optimizer.step()
-        trainer.scheduler.step()
-        trainer.state.iteration += 1
+        scheduler.step()
+        state.iteration += 1
 
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        values["loss"] = float(loss.detach())
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
+        sums = terms if sums is None else sums + terms
         count += 1
         lr = optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
-        if trainer.state.iteration % trainer.cfg.train.log_interval == 0 or trainer.state.iteration == 1:
-            trainer.logger.log("train", trainer.state.iteration, epoch, {**values, "lr": lr})
+        if state.iteration % log_interval == 0 or state.iteration == 1:
+            if logger is not None:
+                logger.log("train", state.iteration, epoch, {**values, "lr": lr})
             LOGGER.info(
                 "epoch %d iter %d lr %.3e %s",
                 epoch + 1,
-                trainer.state.iteration,
+                state.iteration,
                 lr,
                 " ".join(f"{k}={v:.4f}" for k, v in values.items()),
             )
-        for callback in trainer.iter_callbacks:
-            callback(trainer, trainer.state.iteration, values)
-    return {k: v / max(count, 1) for k, v in sums.items()}
+        for callback in callbacks:
+            callback(state.iteration, values)
+    if sums is None:
+        return {}
+    return {k: v / count for k, v in zip(values, sums.tolist())}
 
 
 class Trainer:
@@ -268,6 +315,9 @@ class Trainer:
         best_name: file name of the best checkpoint (``best.pth``, or ``student_best.pth`` for distillation).
         iter_callbacks: called after every iteration as ``callback(trainer, iteration, loss_values)``.
         show_progress: tqdm bars (rank 0 only).
+
+    The log files open, and ``work_dir/config.yaml`` is written, when :meth:`fit` starts; they are closed when it
+    ends, also on failure.
     """
 
     def __init__(
@@ -297,13 +347,14 @@ class Trainer:
         model.to(device)
         if dist.is_initialized():
             ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **ddp_kwargs)
+            model = nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=cfg.train.find_unused_parameters, **ddp_kwargs
+            )
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, model)
         self.iters_per_epoch = len(train_loader)
         if self.iters_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"the training set has {len(train_loader.dataset)} images, fewer than one batch of "
                 f"data.batch_size={cfg.data.batch_size} per process; lower data.batch_size."
             )
@@ -315,9 +366,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
         self.state = RunState()
-        self.logger = MetricsLogger(self.work_dir, cfg.log.tensorboard, enabled=self.is_main)
-        if self.is_main:
-            dump_config(cfg, self.work_dir / "config.yaml")
+        self.logger: Optional[MetricsLogger] = None  # open while fit() runs
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
@@ -356,11 +405,20 @@ class Trainer:
             LOGGER.warning("--resume: no checkpoint at %s; starting from scratch.", path)
             return False
         ckpt = load_checkpoint(path, map_location=self.device)
+        absent = [k for k in ("model", "optimizer", "scheduler", "run", "rng") if k not in ckpt]
+        if absent:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} is not a detkd training checkpoint (last.pth): it has no {', '.join(absent)}; "
+                f"--resume continues a run from the last.pth that tools/train.py or train_distill.py wrote."
+            )
         module = unwrap(self.model)
         if hasattr(module, "load_trainable_state_dict"):
-            module.load_trainable_state_dict(ckpt["model"])
+            load_state_dict_checked(
+                module, ckpt["model"], f"checkpoint {path}", expected=module.trainable_state_dict(),
+                target="the recipe's model", load=module.load_trainable_state_dict,
+            )  # fmt: skip
         else:
-            module.load_state_dict(ckpt["model"])
+            load_state_dict_checked(module, ckpt["model"], f"checkpoint {path}", target="the recipe's model")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -377,8 +435,21 @@ class Trainer:
     def fit(self, stop_after_epochs: Optional[int] = None) -> RunState:
         """Train to ``cfg.train.epochs`` (or ``max_iters``). ``stop_after_epochs`` ends early, as an interruption
         would (used to test that resuming reproduces an uninterrupted run)."""
-        cfg = self.cfg
         start = time.time()
+        self.logger = MetricsLogger(self.work_dir, self.cfg.log.tensorboard, enabled=self.is_main)
+        try:
+            if self.is_main:
+                dump_config(self.cfg, self.work_dir / "config.yaml")
+            self._run_epochs(stop_after_epochs)
+            if self.is_main:
+                LOGGER.info("training finished in %.1f s", time.time() - start)
+        finally:
+            self.logger.close()
+        return self.state
+
+    def _run_epochs(self, stop_after_epochs: Optional[int]) -> None:
+        cfg = self.cfg
+        callbacks = [functools.partial(callback, self) for callback in self.iter_callbacks]
         while self.state.epoch < cfg.train.epochs and self.state.iteration < self.total_iters:
             epoch = self.state.epoch
             for sampler in (self.train_loader.sampler, self.train_loader.batch_sampler):
@@ -386,7 +457,23 @@ class Trainer:
                     sampler.set_epoch(epoch)
             if hasattr(self.train_loader.dataset, "set_epoch"):
                 self.train_loader.dataset.set_epoch(epoch)
-            means = train_one_epoch(self, epoch)
+            means = train_one_epoch(
+                self.model,
+                self.optimizer,
+                self.train_loader,
+                self.device,
+                epoch,
+                scheduler=self.scheduler,
+                state=self.state,
+                total_iters=self.total_iters,
+                log_interval=cfg.train.log_interval,
+                grad_clip=cfg.train.grad_clip,
+                scaler=self.scaler,
+                logger=self.logger,
+                callbacks=callbacks,
+                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                show_progress=self.show_progress,
+            )
             self.state.epoch += 1
             record = {"epoch": self.state.epoch, "iteration": self.state.iteration, **means}
             last = self.state.epoch >= cfg.train.epochs or self.state.iteration >= self.total_iters
@@ -399,10 +486,6 @@ class Trainer:
             barrier()
             if stop_after_epochs is not None and self.state.epoch >= stop_after_epochs:
                 break
-        if self.is_main:
-            LOGGER.info("training finished in %.1f s", time.time() - start)
-        self.logger.close()
-        return self.state
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         if not self.is_main:
