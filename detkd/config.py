@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 import yaml
 
 from detkd.errors import ConfigError
-
+from detkd.files import atomic_write
 from detkd.models.spec import DetectorSpec
 
 OPTS_SOURCE = "--opts"
@@ -339,6 +339,7 @@ def load_config(path: Union[str, os.PathLike], opts: Optional[list[str]] = None)
     ctx = _Context(origins, str(path.resolve()))
     cfg = _convert(Config, data, "", ctx)
     _check_detectors(cfg, ctx)
+    _check_transforms(cfg, ctx)
     _check_val_transforms(cfg, ctx)
     return cfg
 
@@ -364,13 +365,8 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def dump_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
-    """Write the fully resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the fully resolved config as YAML (atomically, :func:`detkd.files.atomic_write`)."""
+    atomic_write(path, lambda f: yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False), binary=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,6 +557,18 @@ def _check_detectors(cfg: Config, ctx: _Context) -> None:
         if model.backbone not in BACKBONES:
             valid = ", ".join(sorted(BACKBONES))
             raise ctx.error(f"{key}.backbone", f"unknown backbone '{model.backbone}'; valid: {valid}.")
+
+
+def _check_transforms(cfg: Config, ctx: _Context) -> None:
+    """Each transform step is built once, so its own checks (e.g. ``p`` in [0, 1]) fail at load, naming the step."""
+    from detkd.data.transforms import build_transforms
+
+    for split in ("train", "val"):
+        for i, step in enumerate(getattr(cfg.data.transforms, split)):
+            try:
+                build_transforms([(step.type, dict(step.params))])
+            except ValueError as err:
+                raise ctx.error(f"data.transforms.{split}.{i}", str(err)) from None
 
 
 def _check_val_transforms(cfg: Config, ctx: _Context) -> None:
