@@ -34,7 +34,15 @@ from torch import nn
 from detkd.losses.base import HeadLoss, PairInfo
 from detkd.losses.context import StepRecord
 from detkd.models.families import family_of
-from detkd.models.taps import FeatureTap, ModelRecorder, feature_channels, feature_strides, renormalize, run_teacher
+from detkd.models.taps import (
+    FeatureTap,
+    ModelRecorder,
+    feature_channels,
+    feature_strides,
+    renormalize,
+    run_teacher,
+    select_rois,
+)
 
 
 @dataclass
@@ -245,6 +253,8 @@ class Distiller(nn.Module):
 
         if not (self.feature_specs or self.head_specs or run_teacher_always):
             return None, losses
+        if "teacher_rois" in self.needs and s_record.proposals is not None:
+            self._choose_rois(s_record)
         canvas = renormalize(
             s_record.image_list.tensors,
             s_record.image_list.image_sizes,
@@ -269,6 +279,18 @@ class Distiller(nn.Module):
             feats = [self.cross_adapters[lvl](s_record.features[lvl]) for lvl in record.head_levels]
             record.cross_head = dict(self.teacher.head(feats))
         return record, losses
+
+    @torch.no_grad()
+    def _choose_rois(self, s_record) -> None:
+        """Match the sampled proposals to the targets once and, under a ``max_rois`` budget, keep a subset."""
+        roi = self.student.roi_heads
+        gt_boxes = [t["boxes"] for t in s_record.targets]
+        gt_labels = [t["labels"] for t in s_record.targets]
+        _, labels = roi.assign_targets_to_proposals(s_record.proposals, gt_boxes, gt_labels)
+        s_record.roi_labels = torch.cat(labels)
+        budgets = [s.module.max_rois for s in self.head_specs if s.module.max_rois is not None]
+        if budgets and any(len(p) > min(budgets) for p in s_record.proposals):
+            s_record.roi_keep = select_rois(labels, min(budgets))
 
     @torch.no_grad()
     def _teacher_detections(self, images: list[torch.Tensor]):

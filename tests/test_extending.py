@@ -76,8 +76,13 @@ def plugin_recipe(tiny_data, tmp_path, teacher_ckpt, **extra) -> Path:
             "head": [{"type": "score_mse", "weight": 2.0}],
             "teacher_check": {"enabled": False},
         },
-        train={"epochs": 1, "max_iters": 2, "optimizer": {"type": "sgd", "lr": 0.01}, "device": "cpu",
-               "log_interval": 1},  # fmt: skip
+        train={
+            "epochs": 1,
+            "max_iters": 2,
+            "optimizer": {"type": "sgd", "lr": 0.01},
+            "device": "cpu",
+            "log_interval": 1,
+        },  # fmt: skip
         eval={"interval": 1, "max_images": 2},
         **extra,
     )

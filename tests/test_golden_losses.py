@@ -32,7 +32,11 @@ TOL = 1e-6
 
 def golden_batch():
     g = torch.Generator().manual_seed(7)
-    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g), torch.rand(3, 64, 64, generator=g)]
+    images = [
+        torch.rand(3, 64, 64, generator=g),
+        torch.rand(3, 48, 64, generator=g),
+        torch.rand(3, 64, 64, generator=g),
+    ]
     for img, (x0, y0, x1, y1) in zip(images, [(4, 6, 30, 40), (10, 8, 50, 40), (20, 20, 44, 60)]):
         img[:, y0:y1, x0:x1] = 0.9  # bright objects on noise, so a box means something to the features
     targets = [
@@ -59,8 +63,10 @@ def run_case(case: dict, tmp_path: Path) -> list[dict[str, float]]:
     torch.save(student.state_dict(), s_path)
     cfg = config_from_dict(
         {
-            "data": {"train": {"ann_file": "unused.json", "img_dir": "unused"},
-                     "val": {"ann_file": "unused.json", "img_dir": "unused"}},  # fmt: skip
+            "data": {
+                "train": {"ann_file": "unused.json", "img_dir": "unused"},
+                "val": {"ann_file": "unused.json", "img_dir": "unused"},
+            },  # fmt: skip
             "teacher": {**_model(case["teacher"], 32, 0.0), "checkpoint": str(t_path)},
             "student": {**_model(case["student"], 16, 0.05), "init": "checkpoint", "checkpoint": str(s_path)},
             "distill": case["distill"],
@@ -109,7 +115,9 @@ def _recipe_cases() -> dict:
     seen = set()
     # every benchmark recipe; of the method recipes, those whose loss types the benchmark recipes do not cover
     extra = ("alpha_divergence", "dkd", "roi_kd", "hetero_faster_rcnn_to_retinanet", "logit_kd_fg_mask")
-    paths = sorted((repo / "configs").glob("bench/*.yaml")) + [repo / "configs" / "distill" / f"{n}.yaml" for n in extra]
+    paths = sorted((repo / "configs").glob("bench/*.yaml")) + [
+        repo / "configs" / "distill" / f"{n}.yaml" for n in extra
+    ]
     for path in paths:
         cfg = load_config(path)
         if cfg.distill is None:
@@ -126,9 +134,10 @@ def _recipe_cases() -> dict:
         cases[f"extra/pseudo_label_{mode}_thr0"] = {
             "teacher": "retinanet",
             "student": "retinanet",
-            "distill": {"features": [{"type": "fgd", "weight": 1.0, "levels": "all"}],
-                        "head": [{"type": "pseudo_label", "weight": 0.5, "mode": mode, "score_thr": 0.0,
-                                  "max_dets": 20}]},  # fmt: skip
+            "distill": {
+                "features": [{"type": "fgd", "weight": 1.0, "levels": "all"}],
+                "head": [{"type": "pseudo_label", "weight": 0.5, "mode": mode, "score_thr": 0.0, "max_dets": 20}],
+            },  # fmt: skip
         }
     # a random teacher is never confident: conf_thr 0 so the box and centerness terms and the masks are exercised
     cases["extra/logit_kd_attention_mask_conf0"] = {

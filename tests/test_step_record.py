@@ -142,3 +142,33 @@ def test_the_teacher_is_outside_the_module_tree():
     assert next(d.teacher.parameters()).dtype == torch.float64
     d.train()
     assert not d.teacher.training and all(not p.requires_grad for p in d.teacher.parameters())
+
+
+def test_select_rois_keeps_the_foreground_first_within_the_budget():
+    from detkd.models.taps import select_rois
+
+    labels = [torch.tensor([0, 3, 0, 0, 1, -1, 2]), torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64)]
+    keep = select_rois(labels, 4)
+    assert keep[0].tolist() == [1, 4, 6, 0]  # the three foreground proposals, then the first background one
+    assert keep[1].tolist() == [0, 1] and keep[2].numel() == 0
+
+
+def test_roi_kd_distils_at_most_max_rois_per_image_foreground_first():
+    teacher, student = detector("faster_rcnn", fpn=32), detector("faster_rcnn", fpn=16)
+    d = Distiller(teacher, student, (), [LossSpec("roi_kd", HEAD_LOSSES["roi_kd"](max_rois=16), 1.0)],
+                  probe_size=64).train()  # fmt: skip
+    seen = []
+    teacher.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, a: seen.append([len(p) for p in a[1]]))
+    images, targets = batch()
+    torch.manual_seed(3)
+    record, _ = d.record_step(images, targets)
+    assert seen[-1] == [16, 16]  # of the student's sampled proposals
+    sampled = [len(p) for p in record.student.proposals]
+    assert min(sampled) > 16
+    labels = record.roi_labels()
+    kept = labels[record.student.roi_keep_flat()]
+    n_fg = [int((lab > 0).sum()) for lab in labels.split(sampled)]
+    for i, fg in enumerate(n_fg):
+        assert int((kept[16 * i : 16 * (i + 1)] > 0).sum()) == min(fg, 16)  # every foreground ROI first
+    losses = d.compute_losses(record)
+    assert torch.isfinite(losses["distill/roi_kd/cls"]) and losses["distill/roi_kd/box"] >= 0

@@ -107,10 +107,13 @@ class HeadLoss(nn.Module):
         makes_targets: the loss turns the teacher's detections into targets of the student's own detection loss
             (``make_targets(detections, targets) -> (targets, separate_targets or None)``) instead of returning a
             loss from the record.
+        max_rois: with ``teacher_rois``: how many of each image's sampled student proposals the teacher's ROI head
+            scores (foreground first; ``record.student.roi_keep``); None: all of them.
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
     makes_targets: ClassVar[bool] = False
+    max_rois: Optional[int] = None  # teacher_rois: the ROIs per image the teacher's ROI head scores (None: all)
 
     def check_pair(self, pair: PairInfo) -> None:  # noqa: B027 - optional hook, accepts every pair by default
         """Raise ``ValueError`` (naming both families and what to use instead) for a pair this loss cannot serve."""

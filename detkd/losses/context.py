@@ -251,6 +251,8 @@ class StepRecord:
     def roi_labels(self) -> Tensor:
         """Faster R-CNN: the class each sampled student proposal is matched to (0 = background), ``(sum_i R_i,)``,
         by the student's own proposal matcher (computed once)."""
+        if self._roi_labels is None and self.student.roi_labels is not None:
+            self._roi_labels = self.student.roi_labels
         if self._roi_labels is None:
             labels = [t["labels"] for t in self.targets]
             roi = self.student_model.roi_heads

@@ -74,9 +74,7 @@ class CrossKDLoss(HeadLoss):
                 f"student of one dense family (RetinaNet->RetinaNet or FCOS->FCOS); this recipe pairs a {t_fam.name} "
                 f"teacher with a {s_fam.name} student. Use a feature loss or pseudo_label for heterogeneous pairs."
             )
-        if pair.teacher_anchors != pair.student_anchors or sorted(pair.teacher_strides) != sorted(
-            pair.student_strides
-        ):
+        if pair.teacher_anchors != pair.student_anchors or sorted(pair.teacher_strides) != sorted(pair.student_strides):
             raise ValueError(
                 f"cross_kd needs the same anchors per location and levels in teacher and student: teacher "
                 f"{list(pair.teacher_anchors)} anchors on {sorted(pair.teacher_strides)}, student "

@@ -5,6 +5,7 @@ on one level, ``needs``, ``weight_map``) and has a constructor of explicit, anno
 defaults; the config system validates a recipe's parameters against that signature. Losses defined elsewhere join
 through :func:`detkd.losses.register_feature_loss`.
 """
+
 from __future__ import annotations
 
 import inspect

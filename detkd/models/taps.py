@@ -330,6 +330,36 @@ class ModelRecord:
     roi_logits: Optional[Tensor] = None
     roi_deltas: Optional[Tensor] = None
     rpn_objectness: Optional[list[Tensor]] = None
+    roi_labels: Optional[Tensor] = None
+    roi_keep: Optional[list[Tensor]] = None
+
+    def kept_proposals(self) -> Optional[list[Tensor]]:
+        """The proposals distilled this step: all sampled ones, or the subset :attr:`roi_keep` names per image."""
+        if self.proposals is None or self.roi_keep is None:
+            return self.proposals
+        return [p[k] for p, k in zip(self.proposals, self.roi_keep)]
+
+    def roi_keep_flat(self) -> Optional[Tensor]:
+        """:attr:`roi_keep` as indices into the concatenated proposals (and ``roi_logits`` rows), or None."""
+        if self.roi_keep is None:
+            return None
+        offsets = torch.tensor([0] + [len(p) for p in self.proposals[:-1]], device=self.roi_keep[0].device).cumsum(0)
+        return torch.cat([k + o for k, o in zip(self.roi_keep, offsets)])
+
+
+def select_rois(labels: Sequence[Tensor], max_rois: int) -> list[Tensor]:
+    """Per image, the indices of at most ``max_rois`` sampled proposals: foreground first, then background, each in
+    the sampler's order (torchvision keeps the RPN's score order, so the kept background is the most object-like).
+
+    Args:
+        labels: the class each proposal is matched to, per image, ``(R_i,)`` (0 = background, -1 = ignored).
+        max_rois: the budget per image.
+    """
+    out = []
+    for lab in labels:
+        order = torch.argsort((lab <= 0).to(torch.int8), stable=True)  # foreground (label > 0) first
+        out.append(order[:max_rois])
+    return out
 
 
 class ModelRecorder:
@@ -501,7 +531,7 @@ def run_teacher(
         record.head = dict(head(list(out.values())))
     roi = getattr(teacher, "roi_heads", None)
     if "teacher_rois" in needs and roi is not None and student.proposals is not None:
-        pooled = roi.box_roi_pool(out, student.proposals, student.image_shapes)
+        pooled = roi.box_roi_pool(out, student.kept_proposals(), student.image_shapes)
         record.roi_logits, record.roi_deltas = roi.box_predictor(roi.box_head(pooled))
     if "teacher_rpn" in needs and roi is not None:
         record.rpn_objectness = list(teacher.rpn.head(list(out.values()))[0])
