@@ -151,6 +151,7 @@ def load_state_dict_checked(
     expected: Optional[StateDict] = None,
     target: Optional[str] = None,
     load: Optional[Callable[[dict[str, torch.Tensor]], Any]] = None,
+    check_missing: bool = True,
 ) -> list[str]:
     """Load ``state`` into ``model`` after checking names and shapes; return the keys skipped.
 
@@ -168,10 +169,12 @@ def load_state_dict_checked(
             ``trainable_state_dict()``).
         target: how the message names the model (default ``"this <class name>"``).
         load: the loading call (default ``model.load_state_dict(..., strict=False)`` after the check).
+        check_missing: report model keys absent from ``state``; off when ``load`` decides which may be absent
+            (a Distiller accepts checkpoints from before one of its parts existed).
     """
     own = dict(expected) if expected is not None else model.state_dict()
     nbt = "num_batches_tracked"
-    missing = [k for k in own if k not in state and not k.endswith(nbt)]
+    missing = [k for k in own if k not in state and not k.endswith(nbt)] if check_missing else []
     unexpected = [k for k in state if k not in own and not k.endswith(nbt)]
     mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     skipped = [k for k in mismatched if k.startswith(tuple(skip_prefixes))]

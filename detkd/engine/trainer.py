@@ -415,7 +415,7 @@ class Trainer:
         if hasattr(module, "load_trainable_state_dict"):
             load_state_dict_checked(
                 module, ckpt["model"], f"checkpoint {path}", expected=module.trainable_state_dict(),
-                target="the recipe's model", load=module.load_trainable_state_dict,
+                target="the recipe's model", load=module.load_trainable_state_dict, check_missing=False,
             )  # fmt: skip
         else:
             load_state_dict_checked(module, ckpt["model"], f"checkpoint {path}", target="the recipe's model")
