@@ -253,7 +253,9 @@ def load_student_weights(distiller: nn.Module, path: PathLike) -> str:
     state = state_dict_of(load_checkpoint(path), path)
     if any(k.startswith("student.") for k in state):
         expected, load = distiller.trainable_state_dict(), distiller.load_trainable_state_dict
-        load_state_dict_checked(distiller, state, f"checkpoint {path}", expected=expected, load=load)
+        load_state_dict_checked(
+            distiller, state, f"checkpoint {path}", expected=expected, load=load, check_missing=False
+        )
         return "distiller"
     load_state_dict_checked(distiller.student, state, f"checkpoint {path}", target="the recipe's student")
     return "student"
