@@ -4,11 +4,12 @@
   detectors are built with ``num_classes = K + 1``); ``label_to_cat_id`` maps back for evaluation.
 - Crowd boxes (``iscrowd``) are dropped from the training targets but stay in :attr:`CocoDetection.coco`, the
   ground truth that evaluation scores against.
-- Boxes become ``xyxy`` pixels; degenerate ones (width or height < 1 px) are dropped and reported in one warning
-  per annotation file.
-- The whole annotation file is validated at load: an error is one paragraph naming the json file and the
-  offending annotation (or image, or category) id. A missing or unreadable image is reported when it is read,
-  naming the image file and the image id.
+- Boxes become ``xyxy`` pixels; degenerate ones (width or height < 1 px) and ones entirely outside their image
+  (when the json gives its width and height) are dropped and counted in one warning line per annotation file.
+- The whole annotation file is validated at load: an error is one paragraph (:class:`detkd.errors.DataError`, a
+  ``ValueError``; a missing file is also a ``FileNotFoundError``) naming the json file and the offending annotation
+  (or image, or category) id; a file without categories is an error. A missing or unreadable image is reported
+  when it is read, naming the image file and the image id.
 - Images are read with OpenCV as stored (EXIF orientation is not applied); grayscale, gray+alpha, BGR and BGRA
   files all come out RGB ``uint8``; 16-bit files are reduced to 8 bits.
 """
@@ -31,6 +32,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from detkd.data.transforms import MIN_BOX_SIDE, DetectionTransform, clip_boxes_xyxy
+from detkd.errors import DataError, DataNotFoundError
 
 PathLike = Union[str, os.PathLike]
 _REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -55,18 +57,18 @@ def load_image_rgb(path: PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file '{path}' does not exist.")
+        raise DataNotFoundError(f"image file '{path}' does not exist.")
     try:
         raw = np.fromfile(str(path), dtype=np.uint8)  # imdecode(fromfile) also copes with non-ASCII paths
     except OSError as err:
-        raise ValueError(f"image file '{path}' could not be read: {err}.") from None
+        raise DataError(f"image file '{path}' could not be read: {err}.") from None
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if image is None:
-        raise ValueError(f"image file '{path}' could not be decoded: it is empty, corrupt or not an image.")
+        raise DataError(f"image file '{path}' could not be decoded: it is empty, corrupt or not an image.")
     if image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise ValueError(f"image file '{path}' has pixel type {image.dtype}; only 8- and 16-bit images are supported.")
+        raise DataError(f"image file '{path}' has pixel type {image.dtype}; only 8- and 16-bit images are supported.")
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     channels = image.shape[2]
@@ -76,7 +78,7 @@ def load_image_rgb(path: PathLike) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if channels == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise ValueError(f"image file '{path}' has {channels} channels; expected 1 (gray), 2, 3 (BGR) or 4 (BGRA).")
+    raise DataError(f"image file '{path}' has {channels} channels; expected 1 (gray), 2, 3 (BGR) or 4 (BGRA).")
 
 
 def _is_int(value: Any) -> bool:
@@ -90,74 +92,79 @@ def _is_number(value: Any) -> bool:
 def _validate(data: Any, ann_file: str) -> None:
     """Check that ``data`` (a loaded json) is a usable COCO detection file; raise one ValueError paragraph if not."""
     if not isinstance(data, dict):
-        raise ValueError(
+        raise DataError(
             f"{ann_file} is not a COCO detection file: its top level is a {type(data).__name__}, expected an object "
             f"with the keys {', '.join(_REQUIRED_KEYS)}."
         )
     for key in _REQUIRED_KEYS:
         if key not in data:
-            raise ValueError(
+            raise DataError(
                 f"{ann_file} is not a COCO detection file: the top-level key '{key}' is missing (a COCO detection "
                 f"file has {', '.join(_REQUIRED_KEYS)}; present: {', '.join(map(str, data)) or 'none'})."
             )
         if not isinstance(data[key], list):
-            raise ValueError(f"{ann_file}: the top-level key '{key}' must be a list, got {type(data[key]).__name__}.")
+            raise DataError(f"{ann_file}: the top-level key '{key}' must be a list, got {type(data[key]).__name__}.")
 
     image_ids: set[int] = set()
     for i, img in enumerate(data["images"]):
         where = f"{ann_file}: image #{i} ({img.get('id', 'no id') if isinstance(img, dict) else img!r})"
         if not isinstance(img, dict) or not _is_int(img.get("id")):
-            raise ValueError(f"{where} needs an integer 'id'.")
+            raise DataError(f"{where} needs an integer 'id'.")
         if img["id"] in image_ids:
-            raise ValueError(f"{ann_file}: image id {img['id']} appears more than once in 'images'.")
+            raise DataError(f"{ann_file}: image id {img['id']} appears more than once in 'images'.")
         image_ids.add(img["id"])
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-            raise ValueError(
+            raise DataError(
                 f"{ann_file}: image id {img['id']} needs a 'file_name' string, got {img.get('file_name')!r}."
             )
         for side in ("width", "height"):
             if side in img and not (_is_int(img[side]) and img[side] > 0):
-                raise ValueError(f"{ann_file}: image id {img['id']} has '{side}' {img[side]!r}; expected an int > 0.")
+                raise DataError(f"{ann_file}: image id {img['id']} has '{side}' {img[side]!r}; expected an int > 0.")
 
+    if not data["categories"]:
+        raise DataError(
+            f"{ann_file}: 'categories' is empty; a detection file needs at least one category "
+            f'({{"id": 1, "name": ...}}) for its annotations to refer to.'
+        )
     cat_ids: set[int] = set()
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise ValueError(f"{ann_file}: category #{i} ({cat!r}) needs an integer 'id'.")
+            raise DataError(f"{ann_file}: category #{i} ({cat!r}) needs an integer 'id'.")
         if cat["id"] in cat_ids:
-            raise ValueError(f"{ann_file}: category id {cat['id']} appears more than once in 'categories'.")
+            raise DataError(f"{ann_file}: category id {cat['id']} appears more than once in 'categories'.")
         cat_ids.add(cat["id"])
 
     ann_ids: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise ValueError(
+            raise DataError(
                 f"{ann_file}: annotation #{i} ({ann!r}) needs an integer 'id' (pycocotools indexes annotations by id)."
             )
         ann_id = ann["id"]
         where = f"{ann_file}: annotation id {ann_id}"
         if ann_id in ann_ids:
-            raise ValueError(f"{where} appears more than once in 'annotations'; annotation ids must be unique.")
+            raise DataError(f"{where} appears more than once in 'annotations'; annotation ids must be unique.")
         ann_ids.add(ann_id)
         if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'.")
+            raise DataError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'.")
         if ann.get("category_id") not in cat_ids:
-            raise ValueError(
+            raise DataError(
                 f"{where} (image_id {ann['image_id']}) has category_id {ann.get('category_id')!r}, which is not in "
                 f"'categories' (ids: {', '.join(map(str, sorted(cat_ids)))})."
             )
         bbox = ann.get("bbox")
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise ValueError(
+            raise DataError(
                 f"{where} (image_id {ann['image_id']}) has a malformed 'bbox' {bbox!r}; expected "
                 f"[x, y, width, height]: four finite numbers in pixels."
             )
         if bbox[2] < 0 or bbox[3] < 0:
-            raise ValueError(
+            raise DataError(
                 f"{where} (image_id {ann['image_id']}) has a negative width or height in 'bbox' {bbox!r}; expected "
                 f"[x, y, width, height] with width, height >= 0."
             )
         if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
-            raise ValueError(f"{where} has 'iscrowd' {ann['iscrowd']!r}; expected 0 or 1.")
+            raise DataError(f"{where} has 'iscrowd' {ann['iscrowd']!r}; expected 0 or 1.")
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -186,6 +193,7 @@ class CocoDetection(Dataset):
         num_classes: ``K + 1`` (background included), what torchvision detectors are built with.
         image_ids: Image ids served, in index order (sorted by id).
         num_degenerate: How many non-crowd boxes were dropped for a side < 1 px.
+        num_outside: How many non-crowd boxes were dropped for lying entirely outside their image.
 
     Items (``__getitem__``):
         image: float32 ``(3, H, W)`` RGB in ``[0, 1]``, after the transforms.
@@ -217,12 +225,12 @@ class CocoDetection(Dataset):
         self.epoch = 0
 
         if not Path(ann_file).is_file():
-            raise FileNotFoundError(f"annotation file '{ann_file}' does not exist.")
+            raise DataNotFoundError(f"annotation file '{ann_file}' does not exist.")
         try:
             with open(ann_file, encoding="utf-8") as f:
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{ann_file} is not a valid JSON file: {err}.") from None
+            raise DataError(f"{ann_file} is not a valid JSON file: {err}.") from None
         _validate(data, self.ann_file)
         for ann in data["annotations"]:
             ann.setdefault("iscrowd", 0)
@@ -241,15 +249,20 @@ class CocoDetection(Dataset):
 
         self._targets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         degenerate: list[int] = []
+        outside: list[int] = []
         image_ids = []
         for img_id in sorted(coco.imgs):
             boxes, labels = [], []
+            img_w, img_h = coco.imgs[img_id].get("width"), coco.imgs[img_id].get("height")
             for ann in coco.imgToAnns.get(img_id, []):
                 if ann["iscrowd"]:
                     continue
                 x, y, w, h = (float(v) for v in ann["bbox"])
                 if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:
                     degenerate.append(ann["id"])
+                    continue
+                if img_w is not None and img_h is not None and (x >= img_w or y >= img_h or x + w <= 0 or y + h <= 0):
+                    outside.append(ann["id"])
                     continue
                 boxes.append((x, y, x + w, y + h))
                 labels.append(self.cat_id_to_label[ann["category_id"]])
@@ -261,16 +274,19 @@ class CocoDetection(Dataset):
                 image_ids.append(img_id)
         self.image_ids: list[int] = image_ids
         self.num_degenerate = len(degenerate)
-        if degenerate:
-            shown = ", ".join(map(str, degenerate[:_MAX_IDS_IN_WARNING]))
-            more = ", ..." if len(degenerate) > _MAX_IDS_IN_WARNING else ""
+        self.num_outside = len(outside)
+        if degenerate or outside:
+            dropped = degenerate + outside
+            shown = ", ".join(map(str, dropped[:_MAX_IDS_IN_WARNING]))
+            more = ", ..." if len(dropped) > _MAX_IDS_IN_WARNING else ""
             warnings.warn(
                 f"{self.ann_file}: dropped {len(degenerate)} degenerate box(es) with width or height < "
-                f"{MIN_BOX_SIDE:g} px from the training targets (annotation ids: {shown}{more}).",
+                f"{MIN_BOX_SIDE:g} px and {len(outside)} box(es) entirely outside their image from the training "
+                f"targets (annotation ids: {shown}{more}).",
                 stacklevel=2,
             )
         if not self.image_ids:
-            raise ValueError(
+            raise DataError(
                 f"{self.ann_file}: no image to serve ({len(coco.imgs)} images in the file"
                 + (", none with a usable box, and keep_empty=False)." if coco.imgs else ").")
             )
@@ -302,11 +318,11 @@ class CocoDetection(Dataset):
         try:
             image = load_image_rgb(path)
         except FileNotFoundError as err:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{err} It is {where} (file_name '{info['file_name']}' under '{self.img_dir}')."
             ) from None
         except ValueError as err:
-            raise ValueError(f"{err} It is {where}.") from None
+            raise DataError(f"{err} It is {where}.") from None
         orig_h, orig_w = image.shape[:2]
         if ("height" in info and info["height"] != orig_h) or ("width" in info and info["width"] != orig_w):
             hint = (
@@ -314,7 +330,7 @@ class CocoDetection(Dataset):
                 if (info.get("height"), info.get("width")) == (orig_w, orig_h)
                 else ""
             )
-            raise ValueError(
+            raise DataError(
                 f"image file '{path}' ({where}) is {orig_w}x{orig_h} (w x h) but the json says "
                 f"{info.get('width')}x{info.get('height')}{hint}; its boxes would not fit the pixels."
             )

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from detkd.data.coco import load_image_rgb
+from detkd.errors import DataError, DataNotFoundError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -34,16 +35,16 @@ class UnlabeledImages(Dataset):
             from pycocotools.coco import COCO
 
             if not Path(ann_file).is_file():
-                raise FileNotFoundError(f"data.unlabeled.ann_file {ann_file} does not exist.")
+                raise DataNotFoundError(f"data.unlabeled.ann_file {ann_file} does not exist.")
             with contextlib.redirect_stdout(io.StringIO()):
                 coco = COCO(ann_file)
             self.files = [self.img_dir / coco.imgs[i]["file_name"] for i in sorted(coco.imgs)]
         else:
             if not self.img_dir.is_dir():
-                raise FileNotFoundError(f"data.unlabeled.img_dir {self.img_dir} is not a folder.")
+                raise DataNotFoundError(f"data.unlabeled.img_dir {self.img_dir} is not a folder.")
             self.files = sorted(p for p in self.img_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
-            raise ValueError(f"data.unlabeled: no images ({', '.join(IMAGE_SUFFIXES)}) under {self.img_dir}.")
+            raise DataError(f"data.unlabeled: no images ({', '.join(IMAGE_SUFFIXES)}) under {self.img_dir}.")
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
