@@ -121,10 +121,14 @@ class StudentCfg(ModelCfg):
 
 @dataclass(frozen=True)
 class LossCfg:
-    """One distillation loss: registered ``type``, its ``weight``, the FPN ``levels`` it applies to, its params."""
+    """One distillation loss: registered ``type``, its ``weight``, the FPN ``levels`` it applies to, its params.
+
+    ``weight: auto`` calibrates the weight over the first ``distill.calibration_iters`` iterations so that the term
+    equals ``target_ratio`` x the detection (task) loss (see ``detkd.losses.scaling``)."""
 
     type: str
-    weight: float = 1.0
+    weight: Union[float, Literal["auto"]] = 1.0
+    target_ratio: float = 1.0
     levels: Union[str, tuple[str, ...]] = "all"
     params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -140,10 +144,24 @@ class TeacherCheckCfg:
 
 
 @dataclass(frozen=True)
+class KDScheduleCfg:
+    """A scale on every distillation term over training (RTMDet / YOLOv6 practice): linear warm-up from 0 over
+    ``warmup_iters``, then ``decay`` (``none``, ``linear`` or ``cosine``) from 1 to ``final_ratio`` at the last
+    iteration; from ``stop_at`` (a fraction of training) on, distillation is off (scale 0, nothing computed)."""
+
+    warmup_iters: int = 0
+    decay: Literal["none", "linear", "cosine"] = "none"
+    final_ratio: float = 0.0
+    stop_at: float = 1.0
+
+
+@dataclass(frozen=True)
 class DistillCfg:
     features: tuple[LossCfg, ...] = ()
     head: tuple[LossCfg, ...] = ()
     teacher_check: TeacherCheckCfg = TeacherCheckCfg()
+    schedule: Optional[KDScheduleCfg] = None
+    calibration_iters: int = 50  # iterations over which `weight: auto` terms are calibrated
 
 
 @dataclass(frozen=True)
@@ -637,6 +655,11 @@ RANGES: dict[tuple[str, str], Range] = {
     ("ModelCfg", "detections_per_img"): _at_least(1),
     ("ModelCfg", "anchor_sizes"): _at_least(1),
     ("LossCfg", "weight"): _NON_NEGATIVE,
+    ("LossCfg", "target_ratio"): _POSITIVE,
+    ("KDScheduleCfg", "warmup_iters"): _NON_NEGATIVE,
+    ("KDScheduleCfg", "final_ratio"): _NON_NEGATIVE,
+    ("KDScheduleCfg", "stop_at"): Range(0, 1, lo_open=True),
+    ("DistillCfg", "calibration_iters"): _at_least(1),
     ("TeacherCheckCfg", "num_images"): _at_least(1),
     ("TeacherCheckCfg", "min_ap"): _UNIT,
     ("OptimizerCfg", "lr"): _POSITIVE,
@@ -686,7 +709,8 @@ def describe_ranges() -> list[tuple[str, str]]:
     sections = {
         "data.unlabeled": UnlabeledCfg, "data.synthetic": SyntheticCfg, "data.transforms": TransformsCfg,
         "data": DataCfg, "model / teacher / student": ModelCfg, "distill.features[] / distill.head[]": LossCfg,
-        "distill.teacher_check": TeacherCheckCfg, "train.optimizer": OptimizerCfg, "train.schedule": ScheduleCfg,
+        "distill.teacher_check": TeacherCheckCfg, "distill.schedule": KDScheduleCfg, "distill": DistillCfg,
+        "train.optimizer": OptimizerCfg, "train.schedule": ScheduleCfg,
         "train": TrainCfg, "eval": EvalCfg, "checkpoint": CheckpointCfg, "log": LogCfg, "report": ReportCfg,
     }  # fmt: skip
     rows = []

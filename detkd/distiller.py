@@ -26,13 +26,14 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from detkd.losses.base import HeadLoss, PairInfo
 from detkd.losses.context import StepRecord
+from detkd.losses.scaling import LossScaler
 from detkd.models.families import family_of
 from detkd.models.taps import (
     FeatureTap,
@@ -47,12 +48,14 @@ from detkd.models.taps import (
 
 @dataclass
 class LossSpec:
-    """One configured loss: its registry name, the module, its weight, and the levels it applies to."""
+    """One configured loss: its registry name, the module, its weight (a number, or ``"auto"``: calibrated to
+    ``target_ratio`` x the task loss, see :mod:`detkd.losses.scaling`), and the levels it applies to."""
 
     name: str
     module: nn.Module
-    weight: float
+    weight: Union[float, str]
     levels: tuple[str, ...] = ()
+    target_ratio: float = 1.0
 
 
 class LevelMismatchError(ValueError):
@@ -105,6 +108,9 @@ class Distiller(nn.Module):
             (``makes_targets``, pseudo labels); it may also be given as ``pseudo_labeler``.
         pseudo_labeler: a target-making head loss (its recipe ``weight`` is its ``separate_weight``).
         probe_size: image side used once to measure the feature strides and channels of both detectors.
+        schedule: ``(warmup_iters, decay, final_ratio, stop_at)`` of the distillation scale
+            (:func:`detkd.losses.scaling.kd_schedule_scale`), or None.
+        calibration_iters: iterations over which ``weight: auto`` losses are calibrated.
 
     Attributes:
         needs: the union of every loss's ``needs`` (what the teacher computes each step).
@@ -120,6 +126,8 @@ class Distiller(nn.Module):
         head_losses: Sequence[LossSpec] = (),
         pseudo_labeler: Optional[HeadLoss] = None,
         probe_size: int = 128,
+        schedule: Optional[tuple[int, str, float, float]] = None,
+        calibration_iters: int = 50,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "teacher", freeze(teacher))  # not a submodule: see the module docstring
@@ -137,10 +145,13 @@ class Distiller(nn.Module):
             if pseudo_labeler is not None or len(makers) > 1:
                 raise ValueError("a recipe may have one target-making head loss (pseudo_label), not several")
             pseudo_labeler = makers[0].module
+            if makers[0].weight == "auto":
+                raise ValueError("pseudo_label's weight (of its separate term) cannot be 'auto'; give a number.")
             pseudo_labeler.separate_weight = makers[0].weight
         self.pseudo_labeler = pseudo_labeler
         self.feature_specs = [
-            LossSpec(s.name, s.module, s.weight, resolve_levels(s.levels, self.levels, s.name)) for s in feature_losses
+            LossSpec(s.name, s.module, s.weight, resolve_levels(s.levels, self.levels, s.name), s.target_ratio)
+            for s in feature_losses
         ]
         self.head_specs = [s for s in head_losses if not s.module.makes_targets]
         self.feature_loss_modules = nn.ModuleList([s.module for s in self.feature_specs])
@@ -186,6 +197,10 @@ class Distiller(nn.Module):
         self.needs: frozenset[str] = frozenset().union(*(m.needs for m in modules))
         if "cls_logits" in self.needs:  # difference masks compare both dense heads' logits
             self.needs |= {"teacher_head"}
+        auto = LossScaler.auto_names(self.feature_specs + self.head_specs)
+        self.scaler = LossScaler(auto, calibration_iters, schedule)
+        self._auto_index = {name: i for i, name in enumerate(self.scaler.names)}
+        self.log_scalars: dict[str, float] = {}  # logged beside the losses (the trainer reads it), never summed
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
         self.recorder = ModelRecorder(student, record_rpn="teacher_rpn" in self.needs)
         self.t_tap = FeatureTap(teacher)
@@ -208,6 +223,8 @@ class Distiller(nn.Module):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.load_state_dict(state, strict=False)
+        if not (self.scaler.names or self.scaler.schedule):  # checkpoints from before the scaler existed
+            missing = [k for k in missing if not k.startswith("scaler.")]
         if missing or unexpected:
             raise RuntimeError(f"distiller checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -319,30 +336,58 @@ class Distiller(nn.Module):
         """The adapter of ``level`` (None where no feature loss distils)."""
         return self.adapters[level] if level in self.adapters else None
 
-    def compute_losses(self, record: StepRecord) -> dict[str, torch.Tensor]:
-        """Every configured distillation term of a recorded step, weighted and named."""
+    def compute_losses(
+        self, record: StepRecord, unweighted: Optional[dict[str, torch.Tensor]] = None
+    ) -> dict[str, torch.Tensor]:
+        """Every configured distillation term of a recorded step, weighted and named. ``unweighted``, if given,
+        receives each ``weight: auto`` loss's unweighted total (for the calibration)."""
         losses: dict[str, torch.Tensor] = {}
         for spec in self.feature_specs:
+            weight = self._weight(spec)
             for lvl in spec.levels:
                 ctx = record.level_context(lvl, self.adapter(lvl))
-                losses[f"distill/{spec.name}/{lvl}"] = spec.weight * spec.module(ctx.s_feat, ctx.t_feat, ctx)
+                raw = spec.module(ctx.s_feat, ctx.t_feat, ctx)
+                losses[f"distill/{spec.name}/{lvl}"] = weight * raw
+                if unweighted is not None and spec.name in self._auto_index:
+                    unweighted[spec.name] = unweighted.get(spec.name, 0.0) + raw.detach()
         for spec in self.head_specs:
+            weight = self._weight(spec)
             out = spec.module(record)
-            if isinstance(out, dict):
-                losses.update({f"distill/{spec.name}/{k}": spec.weight * v for k, v in out.items()})
-            else:
-                losses[f"distill/{spec.name}"] = spec.weight * out
+            out = out if isinstance(out, dict) else {None: out}
+            for k, raw in out.items():
+                losses[f"distill/{spec.name}" + ("" if k is None else f"/{k}")] = weight * raw
+                if unweighted is not None and spec.name in self._auto_index:
+                    unweighted[spec.name] = unweighted.get(spec.name, 0.0) + raw.detach()
         return losses
+
+    def _weight(self, spec: LossSpec) -> Union[float, torch.Tensor]:
+        if spec.weight != "auto":
+            return spec.weight
+        return self.scaler.auto_weight[self._auto_index[spec.name]].float()
 
     def forward(self, images: list[torch.Tensor], targets: Optional[list[dict[str, torch.Tensor]]] = None):
         if not self.training:
             return self.student(images)
+        scaler = self.scaler
+        scale = scaler.scale()
+        self.log_scalars = {"distill/scale": scale} if scaler.schedule is not None else {}
+        if scale == 0.0 and not scaler.calibrating:  # distillation is off (schedule's stop_at): nothing to compute
+            scaler.step()
+            return {f"task/{k}": v for k, v in self.student(images, targets).items()}
         record, losses = self.record_step(images, targets)
-        if record is None:
-            return losses
-        start = time.perf_counter()  # masks + losses (forward), for benchmarks/speed.py
-        losses.update(self.compute_losses(record))
-        self.timings["losses"].append(time.perf_counter() - start)
+        if record is not None:
+            start = time.perf_counter()  # masks + losses (forward), for benchmarks/speed.py
+            unweighted: Optional[dict[str, torch.Tensor]] = {} if scaler.calibrating else None
+            losses.update(self.compute_losses(record, unweighted))
+            self.timings["losses"].append(time.perf_counter() - start)
+            if unweighted is not None:
+                task = sum(v.detach() for k, v in losses.items() if k.startswith("task/"))
+                scaler.observe(task, unweighted)
+        if scaler.names:
+            self.log_scalars.update({f"distill/weight/{k}": v for k, v in scaler.weights().items()})
+        if scale != 1.0:
+            losses = {k: scale * v if k.startswith("distill/") else v for k, v in losses.items()}
+        scaler.step()
         return losses
 
 
@@ -408,15 +453,32 @@ def build_distiller_from_cfg(cfg, num_classes: int, cat_id_to_label: Optional[di
             if loss_cfg.type not in FEATURE_LOSSES:
                 raise ValueError(f"unknown feature loss '{loss_cfg.type}'; valid: {', '.join(sorted(FEATURE_LOSSES))}")
             module = build_feature_loss(loss_cfg.type, **dict(loss_cfg.params))
-            feature_specs.append(LossSpec(_unique(loss_cfg.type, names), module, loss_cfg.weight, loss_cfg.levels))
+            name = _unique(loss_cfg.type, names)
+            feature_specs.append(LossSpec(name, module, loss_cfg.weight, loss_cfg.levels, loss_cfg.target_ratio))
         for loss_cfg in distill.head:
             if loss_cfg.type not in HEAD_LOSSES:
                 raise ValueError(f"unknown head loss '{loss_cfg.type}'; valid: {', '.join(sorted(HEAD_LOSSES))}")
             module = HEAD_LOSSES[loss_cfg.type](**dict(loss_cfg.params))
             module.set_category_map(cat_id_to_label or {i: i for i in range(1, num_classes)})
-            head_specs.append(LossSpec(_unique(loss_cfg.type, names), module, loss_cfg.weight))
+            name = _unique(loss_cfg.type, names)
+            head_specs.append(LossSpec(name, module, loss_cfg.weight, target_ratio=loss_cfg.target_ratio))
     probe = max(32, student_cfg.min_size)
-    return Distiller(teacher, student, feature_specs, head_specs, pseudo_labeler, probe_size=probe)
+    schedule, calibration_iters = None, 50
+    if distill is not None:
+        calibration_iters = distill.calibration_iters
+        if distill.schedule is not None:
+            sch = distill.schedule
+            schedule = (sch.warmup_iters, sch.decay, sch.final_ratio, sch.stop_at)
+    return Distiller(
+        teacher,
+        student,
+        feature_specs,
+        head_specs,
+        pseudo_labeler,
+        probe_size=probe,
+        schedule=schedule,
+        calibration_iters=calibration_iters,
+    )
 
 
 def _unique(name: str, seen: dict[str, int]) -> str:

@@ -140,7 +140,7 @@ def test_logit_kd_on_unmatched_heads_is_a_clear_error():
 
 
 def test_roi_kd_teacher_scores_exactly_the_students_proposals():
-    d = make("faster_rcnn", "faster_rcnn", losses=(), head=(("roi_kd", {"loss": "dkd"}),))
+    d = make("faster_rcnn", "faster_rcnn", losses=(), head=(("roi_kd", {"loss": "dkd", "max_rois": None}),))
     student_props, teacher_props = [], []
     d.student.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, a: student_props.append(a[1]))
     d.teacher.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, a: teacher_props.append(a[1]))
