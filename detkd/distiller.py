@@ -228,6 +228,10 @@ class Distiller(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"distiller checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    def set_total_iters(self, total_iters: int) -> None:
+        """The run's length in iterations (the trainer calls it), for the distillation schedule."""
+        self.scaler.set_total_iters(total_iters)
+
     def export_student(self) -> dict[str, torch.Tensor]:
         """The student as a plain torchvision state_dict (loads with detkd.models.build, no detkd modules)."""
         return {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}

@@ -93,3 +93,36 @@ def test_the_schedule_scales_every_term_and_stops_distillation():
             assert b["distill/mse/p3"].item() == pytest.approx(expected * a["distill/mse/p3"].item(), rel=1e-5)
         assert b["task/classification"].item() == pytest.approx(a["task/classification"].item(), rel=1e-5)
     assert calls["n"] == 4  # iterations 1..4 ran the teacher; at 0 the scale is 0, from 50 % of 10 on it is off
+
+
+def test_train_distill_logs_the_scale_and_knows_the_run_length(tiny_data, tmp_path):
+    import json
+    from pathlib import Path
+
+    from conftest import tiny_model, tiny_recipe
+
+    from detkd.config import load_config
+    from detkd.engine.runner import train_distill
+
+    torch.manual_seed(0)
+    teacher = build_detector("retinanet", "resnet18", 9, fpn_channels=32, min_size=64, max_size=64)
+    torch.save(teacher.state_dict(), tmp_path / "t.pth")
+    path = tiny_recipe(
+        tiny_data,
+        tmp_path,
+        "sched",
+        teacher={**tiny_model(fpn_channels=32), "checkpoint": str(tmp_path / "t.pth")},
+        student=tiny_model(fpn_channels=16),
+        distill={"features": [{"type": "pkd", "weight": "auto", "target_ratio": 0.5}],
+                 "schedule": {"warmup_iters": 2, "decay": "linear", "final_ratio": 0.0},
+                 "calibration_iters": 2, "teacher_check": {"enabled": False}},
+        train={"epochs": 1, "max_iters": 4, "optimizer": {"type": "sgd", "lr": 0.01}, "device": "cpu",
+               "log_interval": 1},
+        eval={"interval": 1, "max_images": 2},
+    )  # fmt: skip
+    summary = train_distill(load_config(path), show_progress=False)
+    assert int(summary["distiller"].scaler.total_iters) == 4
+    rows = [json.loads(x) for x in (Path(tmp_path) / "work_sched" / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["distill/scale"] for r in rows if r["type"] == "train"]
+    assert scales == pytest.approx([kd_schedule_scale(i, 4, 2, "linear", 0.0) for i in range(4)])
+    assert all("distill/weight/pkd" in r for r in rows if r["type"] == "train")

@@ -287,7 +287,9 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
         if state.iteration % log_interval == 0 or state.iteration == 1:
             if logger is not None:
-                logger.log("train", state.iteration, epoch, {**values, "lr": lr})
+                # scalars the module reports beside its losses (e.g. the Distiller's distill/scale), never summed
+                extra = dict(getattr(unwrap(model), "log_scalars", None) or {})
+                logger.log("train", state.iteration, epoch, {**values, **extra, "lr": lr})
             LOGGER.info(
                 "epoch %d iter %d lr %.3e %s",
                 epoch + 1,
@@ -361,6 +363,8 @@ class Trainer:
         self.total_iters = cfg.train.epochs * self.iters_per_epoch
         if cfg.train.max_iters is not None:
             self.total_iters = min(self.total_iters, cfg.train.max_iters)
+        if hasattr(unwrap(model), "set_total_iters"):  # the run's length, for schedules inside the model
+            unwrap(model).set_total_iters(self.total_iters)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(cfg, it, self.iters_per_epoch, self.total_iters)
         )
