@@ -15,6 +15,7 @@ from torch import nn
 
 from detkd.losses.feature_learned import AttentionGuidedLoss, FGDLoss
 from detkd.losses.feature_masked import CWDLoss, DeFeatLoss, FGFILoss, GIDFeatureLoss, MSEFeatureLoss, PKDLoss
+from detkd.losses.relation import RelationLoss
 
 __all__ = [
     "FEATURE_LOSSES",
@@ -39,6 +40,7 @@ FEATURE_LOSSES: dict[str, type[nn.Module]] = {
     "fgd": FGDLoss,
     "pkd": PKDLoss,
     "cwd": CWDLoss,
+    "relation": RelationLoss,
 }
 
 

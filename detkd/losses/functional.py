@@ -270,3 +270,4 @@ from detkd.losses.logit_functional import (  # noqa: E402,F401
     quality_focal_kd_loss,
     sigmoid_kd_loss,
 )
+from detkd.losses.relation import batch_relation_loss, pairwise_distance_matrix, relation_loss  # noqa: E402,F401
