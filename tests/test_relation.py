@@ -46,6 +46,8 @@ def test_images_with_fewer_than_two_instances_contribute_zero():
     assert none.item() == 0.0 and none.requires_grad
     same = relation_loss(torch.ones(3, 2), torch.ones(3, 2))  # coinciding instances: zero matrices, not NaN
     assert same.item() == 0.0
+    two = relation_loss(torch.randn(2, 4), torch.randn(2, 4))  # two instances: both matrices are [[0, 1], [1, 0]]
+    assert two.item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_relation_loss_on_a_level_pools_the_gt_boxes():

@@ -43,6 +43,9 @@ def relation_loss(s_inst: Tensor, t_inst: Tensor) -> Tensor:
         s_inst: Student instance features (N, C) (after the adapter).
         t_inst: Teacher instance features (N, C); detached inside.
 
+    With ``N = 2`` both normalised matrices are ``[[0, 1], [1, 0]]``, so the loss is 0: relations are learned from
+    images with 3 instances or more (the pinned normalisation makes a single distance carry no information).
+
     Returns:
         Scalar; 0 (connected to the student's graph) when ``N < 2``, never NaN.
     """
