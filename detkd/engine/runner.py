@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
-from detkd.config import Config
+from detkd.config import Config, config_from_dict, config_to_dict
 from detkd.data.build import build_dataset, build_eval_loader, ensure_data
 from detkd.data.coco import CocoDetection, collate_detection
-from detkd.engine.checkpoint import load_checkpoint, unwrap
+from detkd.engine.checkpoint import load_checkpoint, load_detector_weights, remove_stale_temporaries, unwrap
 from detkd.engine.evaluator import evaluate, format_metrics_table, save_metrics
 from detkd.engine.trainer import (
     Trainer,
@@ -23,6 +28,7 @@ from detkd.engine.trainer import (
     resolve_device,
     seed_everything,
 )
+from detkd.errors import ConfigError, DetkdError, RunError
 from detkd.models.build import build_detector_from_cfg
 
 LOGGER = logging.getLogger("detkd")
@@ -62,10 +68,198 @@ def make_evaluate_fn(
     return evaluate_fn
 
 
-def prepare_run(cfg: Config, work_dir: Optional[str], show_progress: bool):
-    """What every run starts with: work dir, device/process group/seeds, the data (generated if the recipe names a
-    synthetic set that is absent) and the train/val datasets. Returns ``(work_dir, device, train_set, val_set)``."""
+# ----------------------------------------------------------------------------------------------------------------
+# The work dir: one run per folder, resumed or overwritten only when asked
+# ----------------------------------------------------------------------------------------------------------------
+
+RUN_MARKERS = ("last.pth", "best.pth", "student_best.pth")  # a folder holding one of these holds a run
+RUN_FILES = (*RUN_MARKERS, "metrics.jsonl", "train.log", "config.yaml", "student_init.pth")
+RUN_GLOBS = ("val_epoch*.json",)
+RUN_DIRS = ("tensorboard", "baseline", "mask_vis")
+
+# keys that may change on --resume (prefixes of dotted keys): the length of the run, logging, evaluation, reports;
+# any other change would make the resumed run silently differ from the one its checkpoint continues
+RESUME_SAFE_KEYS = (
+    "train.epochs",
+    "train.max_iters",
+    "train.log_interval",
+    "train.find_unused_parameters",
+    "eval",
+    "checkpoint",
+    "log",
+    "report",
+    "data.num_workers",
+    "distill.teacher_check",
+    "teacher.train_if_missing",
+    "teacher.train_opts",
+    "work_dir",
+    "name",
+)
+
+
+def _rank0() -> bool:
+    """Rank 0 of the job (before the process group exists, from torchrun's environment)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def split_resume_mode(resume: Union[bool, str], overwrite: bool) -> tuple[bool, bool]:
+    """``(resume, overwrite)`` from the tools' ``--resume`` / ``--overwrite`` (which share ``args.resume``: the
+    latter stores ``"overwrite"``; see :func:`detkd.cli.train_parser`)."""
+    if resume == "overwrite":
+        return False, True
+    return bool(resume), bool(overwrite)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` of every leaf that differs (``<absent>`` where one side lacks it)."""
+    a, b = _flatten(old), _flatten(new)
+    absent = "<absent>"
+    return {
+        k: (a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b)) if a.get(k, absent) != b.get(k, absent)
+    }
+
+
+def _safe_on_resume(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUME_SAFE_KEYS)
+
+
+def check_resume(cfg: Config, out: Path) -> dict[str, tuple[Any, Any]]:
+    """Compare the recipe with the resolved config stored in ``out/last.pth`` before anything is written.
+
+    Returns the changed keys that may change on resume (:data:`RESUME_SAFE_KEYS`), printed and recorded in
+    ``metrics.jsonl`` as a ``"resume"`` record. Raises :class:`RunError` listing the other changed keys.
+    """
+    last = out / "last.pth"
+    if not last.is_file():
+        return {}
+    stored = load_checkpoint(last, mmap=True).get("config")
+    if not isinstance(stored, dict):
+        return {}
+    try:  # the stored config with today's defaults filled in: a key added to detkd since is not a change
+        stored = config_to_dict(config_from_dict(stored, source=str(last)))
+    except ConfigError:
+        pass
+    diff = config_diff(stored, config_to_dict(cfg))
+    refused = {k: v for k, v in diff.items() if not _safe_on_resume(k)}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise RunError(
+            f"--resume: the recipe differs from the run in {out} (the config stored in {last}) in "
+            f"{len(refused)} key(s) that cannot change in the middle of a run: {listed}. Resume with the recipe "
+            f"the run started with ({out / 'config.yaml'}), or start over with --overwrite. Keys that may change "
+            f"on resume: {', '.join(RESUME_SAFE_KEYS)}."
+        )
+    if diff and _rank0():
+        changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        print(f"--resume: recipe changes against {last}: {changes}")
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            record = {
+                "type": "resume",
+                "time": round(time.time(), 3),
+                "changed": {k: [o, n] for k, (o, n) in diff.items()},
+            }
+            f.write(json.dumps(record, default=str) + "\n")
+    return diff
+
+
+def _run_summary(out: Path) -> str:
+    """What the run in ``out`` is: finished or interrupted, from its last.pth."""
+    last = out / "last.pth"
+    if not last.is_file():
+        return "a run"
+    try:
+        ckpt = load_checkpoint(last, mmap=True)
+        run, train = ckpt["run"], ckpt["config"]["train"]
+        done = run["epoch"] >= train["epochs"] or (train.get("max_iters") and run["iteration"] >= train["max_iters"])
+    except (DetkdError, KeyError, TypeError):
+        return "a run (its last.pth is unreadable)"
+    state = "finished" if done else "interrupted"
+    return f"a {state} run (epoch {run['epoch']}/{train['epochs']}, iteration {run['iteration']})"
+
+
+def clear_run(out: Path) -> list[Path]:
+    """Delete the files a run writes into ``out`` (checkpoints, logs, TensorBoard events, eval json, the baseline
+    sub-run); nothing else in the folder is touched. Returns what was deleted."""
+    removed = []
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(out / name)
+    for pattern in RUN_GLOBS:
+        for path in out.glob(pattern):
+            path.unlink()
+            removed.append(path)
+    for name in RUN_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+            removed.append(out / name)
+    return removed
+
+
+def check_work_dir(cfg: Config, out: Path, resume: bool, overwrite: bool) -> None:
+    """Before a run touches ``out``: it must not be a file; leftover temporary files of killed checkpoint writes
+    are removed; a folder that holds a run is only resumed (``--resume``, after :func:`check_resume`) or
+    overwritten (``--overwrite``) when asked."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"the work dir {out} is an existing file, not a folder; pass another --work-dir.")
+    if _rank0():
+        removed = remove_stale_temporaries(out)
+        if removed:
+            size = sum(n for _, n in removed) / 2**20
+            names = ", ".join(p.name for p, _ in removed)
+            print(
+                f"removed {len(removed)} leftover temporary file(s) of an interrupted write in {out}: {names} "
+                f"({size:.1f} MB)"
+            )
+    held = [name for name in RUN_MARKERS if (out / name).is_file()]
+    if resume:
+        check_resume(cfg, out)
+    elif overwrite:
+        if held and _rank0():
+            clear_run(out)
+            print(f"--overwrite: deleted the previous run in {out}")
+    elif held:
+        raise RunError(
+            f"the work dir {out} already holds {_run_summary(out)} ({', '.join(held)}). Continue it with --resume, "
+            f"start over with --overwrite (deletes its checkpoints and logs), or pass another --work-dir."
+        )
+
+
+@contextlib.contextmanager
+def recipe_errors(cfg: Config) -> Iterator[None]:
+    """Building models and losses from a validated recipe: a ``ValueError`` raised there is a recipe problem (an
+    unsupported pair, an option a family lacks) and becomes a :class:`ConfigError` naming the recipe."""
+    try:
+        yield
+    except DetkdError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"recipe '{cfg.name}': {err}") from err
+
+
+def prepare_run(
+    cfg: Config, work_dir: Optional[str], show_progress: bool, resume: bool = False, overwrite: bool = False
+):
+    """What every run starts with: the work-dir checks (:func:`check_work_dir`), device/process group/seeds, the
+    data (generated if the recipe names a synthetic set that is absent) and the train/val datasets. Returns
+    ``(work_dir, device, train_set, val_set)``."""
     out = resolve_work_dir(cfg, work_dir)
+    check_work_dir(cfg, out, resume, overwrite)
     device = setup_process(cfg)
     if is_main_process():
         ensure_data(cfg.data, show_progress)
@@ -78,19 +272,23 @@ def prepare_run(cfg: Config, work_dir: Optional[str], show_progress: bool):
 def train_detector(
     cfg: Config,
     work_dir: Optional[str] = None,
-    resume: bool = False,
+    resume: Union[bool, str] = False,
     show_progress: bool = True,
     stop_after_epochs: Optional[int] = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the single detector of ``cfg.model`` (a teacher or a baseline student). Returns a summary dict with
-    ``best_ap``, ``best_checkpoint``, ``wall_time_s`` and the run ``history``."""
+    ``best_ap``, ``best_checkpoint``, ``wall_time_s`` and the run ``history``. ``resume``/``overwrite``: what to do
+    with a run already in the work dir (:func:`check_work_dir`)."""
+    resume, overwrite = split_resume_mode(resume, overwrite)
     if cfg.model is None:
         raise ValueError(
             f"recipe '{cfg.name}' has no 'model' section; tools/train.py trains one detector described under "
             f"'model:' (distillation recipes with teacher/student go to tools/train_distill.py)."
         )
-    out, device, train_set, val_set = prepare_run(cfg, work_dir, show_progress)
-    model = build_detector_from_cfg(cfg.model, train_set.num_classes)
+    out, device, train_set, val_set = prepare_run(cfg, work_dir, show_progress, resume, overwrite)
+    with recipe_errors(cfg):
+        model = build_detector_from_cfg(cfg.model, train_set.num_classes)
     loader = make_train_loader(train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection)
     show = show_progress and is_main_process()
     trainer = Trainer(
@@ -127,14 +325,17 @@ def evaluate_detector_checkpoint(
     model_cfg = cfg.model if model_key == "model" else getattr(cfg, model_key)
     if model_cfg is None:
         raise ValueError(f"recipe '{cfg.name}' has no '{model_key}' section to evaluate.")
+    out = Path(out_dir) if out_dir else Path(ckpt).parent / f"eval_{Path(ckpt).stem}"
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is an existing file, not a folder; pass another --out.")
     device = resolve_device(cfg.train.device)
+    load_checkpoint(ckpt, mmap=True)  # a bad --ckpt fails before the data is built
     ensure_data(cfg.data, show_progress)
     val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
-    model = build_detector_from_cfg(model_cfg, val_set.num_classes)
-    state = load_checkpoint(ckpt)
-    model.load_state_dict(state["model"] if "model" in state else state)
+    with recipe_errors(cfg):
+        model = build_detector_from_cfg(model_cfg, val_set.num_classes)
+    load_detector_weights(model, ckpt)
     model.to(device)
-    out = Path(out_dir) if out_dir else Path(ckpt).parent / f"eval_{Path(ckpt).stem}"
     out.mkdir(parents=True, exist_ok=True)
     loader = build_eval_loader(val_set, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.num_workers)
     metrics = evaluate(model, loader, val_set, device, results_file=str(out / "results.json"), progress=show_progress)
@@ -156,7 +357,7 @@ def ensure_teacher(cfg: Config, show_progress: bool = True) -> Optional[dict[str
         )
     ckpt = Path(teacher.checkpoint)
     if ckpt.name != "best.pth":
-        raise ValueError(
+        raise ConfigError(
             f"teacher.train_if_missing trains into the folder of teacher.checkpoint and writes best.pth there; "
             f"name the checkpoint <folder>/best.pth (got {ckpt})."
         )
@@ -167,14 +368,15 @@ def ensure_teacher(cfg: Config, show_progress: bool = True) -> Optional[dict[str
         teacher.backbone,
         teacher.fpn_channels,
     ):
-        raise ValueError(
+        raise ConfigError(
             f"teacher.train_if_missing={teacher.train_if_missing} trains "
             f"{None if model is None else (model.arch, model.backbone, model.fpn_channels)}, but the recipe's "
             f"teacher is {(teacher.arch, teacher.backbone, teacher.fpn_channels)}; they must describe one detector."
         )
     if is_main_process():
         print(f"teacher checkpoint {ckpt} is missing: training it with {teacher.train_if_missing} first")
-    summary = train_detector(teacher_cfg, work_dir=str(ckpt.parent), show_progress=show_progress)
+    resume = (ckpt.parent / "last.pth").is_file()  # a teacher run that was interrupted continues
+    summary = train_detector(teacher_cfg, work_dir=str(ckpt.parent), resume=resume, show_progress=show_progress)
     if not ckpt.is_file():
         raise RuntimeError(f"training the teacher with {teacher.train_if_missing} did not produce {ckpt}.")
     return summary
@@ -225,20 +427,24 @@ def check_teacher(
 def train_distill(
     cfg: Config,
     work_dir: Optional[str] = None,
-    resume: bool = False,
+    resume: Union[bool, str] = False,
     show_progress: bool = True,
     stop_after_epochs: Optional[int] = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Distil ``cfg.teacher`` into ``cfg.student`` with the configured losses. Returns a summary with the
-    teacher's and the student's AP, the wall time and the paths of ``student_best.pth`` / ``last.pth``."""
+    teacher's and the student's AP, the wall time and the paths of ``student_best.pth`` / ``last.pth``.
+    ``resume``/``overwrite``: what to do with a run already in the work dir (:func:`check_work_dir`)."""
     from detkd.distiller import build_distiller_from_cfg
 
-    out, device, train_set, val_set = prepare_run(cfg, work_dir, show_progress)
+    resume, overwrite = split_resume_mode(resume, overwrite)
+    out, device, train_set, val_set = prepare_run(cfg, work_dir, show_progress, resume, overwrite)
     teacher_run = ensure_teacher(cfg, show_progress)
     seed_everything(cfg.train.seed)  # the student's initialisation must not depend on whether a teacher was trained
-    distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
+    with recipe_errors(cfg):
+        distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
     if cfg.data.unlabeled is not None and distiller.pseudo_labeler is None:
-        raise ValueError(
+        raise ConfigError(
             f"recipe '{cfg.name}' sets data.unlabeled but no pseudo_label head loss: unlabelled images can only "
             f"be learned from the teacher's pseudo labels; add {{type: pseudo_label}} under distill.head."
         )
