@@ -28,7 +28,7 @@ from detkd.engine.trainer import (
     resolve_device,
     seed_everything,
 )
-from detkd.errors import ConfigError, DetkdError, RunError
+from detkd.errors import CheckpointNotFoundError, ConfigError, DetkdError, RunError
 from detkd.models.build import build_detector_from_cfg
 
 LOGGER = logging.getLogger("detkd")
@@ -282,7 +282,7 @@ def train_detector(
     with a run already in the work dir (:func:`check_work_dir`)."""
     resume, overwrite = split_resume_mode(resume, overwrite)
     if cfg.model is None:
-        raise ValueError(
+        raise ConfigError(
             f"recipe '{cfg.name}' has no 'model' section; tools/train.py trains one detector described under "
             f"'model:' (distillation recipes with teacher/student go to tools/train_distill.py)."
         )
@@ -324,7 +324,7 @@ def evaluate_detector_checkpoint(
     """COCO-evaluate a saved detector on the val split; writes ``results.json`` and ``metrics.json``."""
     model_cfg = cfg.model if model_key == "model" else getattr(cfg, model_key)
     if model_cfg is None:
-        raise ValueError(f"recipe '{cfg.name}' has no '{model_key}' section to evaluate.")
+        raise ConfigError(f"recipe '{cfg.name}' has no '{model_key}' section to evaluate.")
     out = Path(out_dir) if out_dir else Path(ckpt).parent / f"eval_{Path(ckpt).stem}"
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is an existing file, not a folder; pass another --out.")
@@ -351,7 +351,7 @@ def ensure_teacher(cfg: Config, show_progress: bool = True) -> Optional[dict[str
     if teacher is None or teacher.checkpoint is None or Path(teacher.checkpoint).is_file():
         return None
     if teacher.train_if_missing is None:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"teacher checkpoint {teacher.checkpoint} does not exist; train it with tools/train.py, or set "
             f"teacher.train_if_missing to the recipe that trains it."
         )
@@ -378,7 +378,7 @@ def ensure_teacher(cfg: Config, show_progress: bool = True) -> Optional[dict[str
     resume = (ckpt.parent / "last.pth").is_file()  # a teacher run that was interrupted continues
     summary = train_detector(teacher_cfg, work_dir=str(ckpt.parent), resume=resume, show_progress=show_progress)
     if not ckpt.is_file():
-        raise RuntimeError(f"training the teacher with {teacher.train_if_missing} did not produce {ckpt}.")
+        raise RunError(f"training the teacher with {teacher.train_if_missing} did not produce {ckpt}.")
     return summary
 
 
@@ -415,7 +415,7 @@ def check_teacher(
     if show:
         print(format_metrics_table(metrics, title=f"teacher ({cfg.teacher.arch}-{cfg.teacher.backbone}) on val"))
     if check is not None and check.enabled and metrics["AP"] < check.min_ap:
-        raise RuntimeError(
+        raise RunError(
             f"the teacher scores AP {metrics['AP']:.4f} on {len(loader.dataset)} val images, below "
             f"distill.teacher_check.min_ap={check.min_ap}: it probably did not load (teacher.checkpoint="
             f"{cfg.teacher.checkpoint}) or was trained on other classes. Fix the teacher, or set "
