@@ -133,7 +133,9 @@ def test_unlabeled_image_folder(tiny_data, tmp_path, teachers):
     cfg = load_config(recipe, [f"data.unlabeled={{img_dir: {folder}, ratio: 1.0}}", "train.max_iters=null"])
     summary = train_distill(cfg, show_progress=False)
     assert summary["iterations"] == 6 + 2  # 6 labelled batches of 4 + round(1.0 * 6) capped at 8 // 4 = 2
-    no_pseudo = distill_recipe(tiny_data, tmp_path, teachers, "retinanet", "retinanet", features=[{"type": "mse"}])
+    no_pseudo = distill_recipe(
+        tiny_data, tmp_path, teachers, "retinanet", "retinanet", features=[{"type": "mse"}], name="no_pseudo"
+    )
     with pytest.raises(ValueError, match="data.unlabeled but no pseudo_label"):
         train_distill(load_config(no_pseudo, [f"data.unlabeled={{img_dir: {folder}}}"]), show_progress=False)
 
@@ -193,7 +195,7 @@ def test_teacher_is_trained_when_missing(tiny_data, tmp_path):
     summary = train_distill(load_config(recipe), show_progress=False)
     assert ckpt.is_file() and summary["iterations"] == 2
     mtime = ckpt.stat().st_mtime
-    train_distill(load_config(recipe), show_progress=False)  # present now: not trained again
+    train_distill(load_config(recipe), show_progress=False, overwrite=True)  # present now: not trained again
     assert ckpt.stat().st_mtime == mtime
 
 
