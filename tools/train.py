@@ -1,6 +1,6 @@
 """Train one detector (a teacher or a baseline student) from a recipe.
 
-python tools/train.py --cfg configs/teacher_retinanet_r50.yaml [--work-dir DIR] [--resume] [--opts k=v ...]
+python tools/train.py --cfg configs/teacher_retinanet_r50.yaml [--work-dir DIR] [--resume | --overwrite] [--opts ...]
 torchrun --nproc_per_node=2 tools/train.py --cfg ...
 """
 
