@@ -203,6 +203,7 @@ class Distiller(nn.Module):
         self.log_scalars: dict[str, float] = {}  # logged beside the losses (the trainer reads it), never summed
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
         self.recorder = ModelRecorder(student, record_rpn="teacher_rpn" in self.needs)
+        self._anchor_cache: dict = {}  # the student's anchors for the last batch shape (see StepRecord)
         self.t_tap = FeatureTap(teacher)
 
     # -- frozen-teacher contract -------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ class Distiller(nn.Module):
             levels=self.levels,
             strides=self.s_strides,
             with_anchors="anchors" in needs,
+            anchor_cache=self._anchor_cache,
         )
         if "cross_head" in needs:  # with grad: through the frozen teacher head back to the student and adapters
             feats = [self.cross_adapters[lvl](s_record.features[lvl]) for lvl in record.head_levels]

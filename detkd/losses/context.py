@@ -163,6 +163,8 @@ class StepRecord:
         levels: the levels teacher and student share, finest first.
         strides: ``{level: stride}`` of the student's levels.
         with_anchors: put the student's anchors into the level contexts (a loss needs ``anchors``).
+        anchor_cache: a dict kept across steps (by the Distiller): anchors depend only on the canvas and feature
+            sizes, so a step with the sizes of an earlier one reuses them instead of generating them again.
 
     Attributes:
         image_list: the padded batch (``ImageList``) both models saw.
@@ -184,6 +186,7 @@ class StepRecord:
         levels: Sequence[str],
         strides: dict[str, int],
         with_anchors: bool = False,
+        anchor_cache: Optional[dict] = None,
     ) -> None:
         self.student, self.teacher = student, teacher
         self.student_model, self.teacher_model = student_model, teacher_model
@@ -198,6 +201,7 @@ class StepRecord:
         self._contexts: dict[tuple[str, int], LevelContext] = {}
         self._shared: dict[str, dict] = {}
         self._anchors: Optional[list[Tensor]] = None
+        self._anchor_cache = anchor_cache if anchor_cache is not None else {}
         self._roi_labels: Optional[Tensor] = None
         self.cross_head: Optional[dict[str, Tensor]] = None  # set by the Distiller when a loss needs cross_head
         s_head, t_head = student.head, teacher.head
@@ -220,10 +224,15 @@ class StepRecord:
     def anchors(self) -> list[Tensor]:
         """The student's anchors per image, ``(sum_l H_l*W_l*A, 4)`` xyxy on the padded canvas (computed once)."""
         if self._anchors is None:
-            generator = self.student_family.anchor_generator(self.student_model)
             feats = [self.student.features[k] for k in self.head_levels]
-            with torch.no_grad():
-                self._anchors = generator(self.image_list, feats)
+            tensors = self.image_list.tensors
+            key = (tuple(tensors.shape), tuple(tuple(f.shape[-2:]) for f in feats), str(tensors.device), tensors.dtype)
+            if key not in self._anchor_cache:
+                generator = self.student_family.anchor_generator(self.student_model)
+                with torch.no_grad():
+                    self._anchor_cache.clear()  # one entry: the batch shape rarely changes within a run
+                    self._anchor_cache[key] = generator(self.image_list, feats)
+            self._anchors = self._anchor_cache[key]
         return self._anchors
 
     def level_anchors(self, level: str) -> Optional[Tensor]:
