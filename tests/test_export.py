@@ -31,7 +31,7 @@ from detkd.deploy import (
 from detkd.deploy.verify import read_val_images
 from detkd.models.build import build_detector_from_cfg
 
-FAMILIES = ("retinanet", "fcos", "faster_rcnn")
+FAMILIES = ("retinanet", "fcos", "faster_rcnn", "ssdlite")  # every registered family
 TRAIN_STEPS = 3
 MIN_DETECTIONS = 5
 
@@ -41,7 +41,9 @@ def train_tiny_student(tiny_data: dict, tmp_path, arch: str, steps: int = TRAIN_
     # Faster R-CNN's RPN objectness swings below its 0.05 proposal threshold early at lr 1e-3 (no detection at all):
     # a gentler lr keeps it above, and a lower score bar keeps >= 5 detections of its softmax head
     thr, lr = (0.001, 1e-4) if arch == "faster_rcnn" else (0.01, 1e-3)
-    recipe = tiny_recipe(tiny_data, tmp_path, name=arch, model={**tiny_model(arch), "score_thresh": thr})
+    backbone = "mobilenet_v3_small" if arch == "ssdlite" else "resnet18"
+    model = {**tiny_model(arch, backbone), "score_thresh": thr}
+    recipe = tiny_recipe(tiny_data, tmp_path, name=arch, model=model)
     cfg = load_config(str(recipe))
     data = CocoDetection(tiny_data["train"]["ann_file"], tiny_data["train"]["img_dir"])
     torch.manual_seed(0)
