@@ -38,9 +38,28 @@ def train_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_opts(parser: argparse.ArgumentParser) -> None:
+    """``--opts KEY=VALUE ...`` and ``--plugin MODULE`` (every tool that reads a recipe has both)."""
     parser.add_argument(
         "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.epochs=1 data.batch_size=2"
     )
+    parser.add_argument(
+        "--plugin",
+        action=_PluginAction,
+        default=[],
+        metavar="MODULE",
+        help="a .py file or dotted module imported before the recipe loads, to register your own losses or "
+        "detector families (repeatable)",
+    )
+
+
+class _PluginAction(argparse.Action):
+    """Import each ``--plugin`` as it is parsed, so what it registers exists before the recipe is validated."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        from detkd.plugins import load_plugins
+
+        load_plugins([value])
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest, []), value])
 
 
 def debug_enabled() -> bool:

@@ -201,3 +201,25 @@ def test_a_registered_family_builds_from_a_recipe_and_distils(tiny_data, tmp_pat
         build_distiller_from_cfg(cfg2, NUM_CLASSES)
     with pytest.raises(ConfigError, match=r"unknown detector 'retinanet4'; valid: .*retinanet3"):
         load_config(path, ["student.arch=retinanet4"])
+
+
+def test_the_cli_tools_load_a_plugin_that_registers_a_loss(tiny_data, tmp_path, teacher_ckpt):
+    """tools/train_distill.py and tools/visualize_masks.py with ``--plugin tests/test_extending.py``: this file
+    registers ``centre_mse`` and ``score_mse`` when it is imported; nothing in detkd names them."""
+    from conftest import REPO, run_tool
+
+    plugin = str(REPO / "tests" / "test_extending.py")
+    recipe = plugin_recipe(tiny_data, tmp_path, teacher_ckpt)
+    unknown = run_tool("train_distill.py", "--cfg", str(recipe), "--no-progress")
+    assert unknown.returncode != 0 and "unknown feature loss 'centre_mse'" in unknown.stderr
+    proc = run_tool("train_distill.py", "--plugin", plugin, "--cfg", str(recipe), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    work = Path(load_config(recipe).work_dir)
+    first = json.loads((work / "metrics.jsonl").read_text().splitlines()[0])
+    assert "distill/centre_mse/p3" in first and "distill/score_mse" in first
+    vis = run_tool("visualize_masks.py", "--plugin", plugin, "--cfg", str(recipe), "--ckpt",
+                   str(work / "student_best.pth"), "--num-images", "1", "--out", str(tmp_path / "vis"))  # fmt: skip
+    assert vis.returncode == 0, vis.stderr[-2000:]
+    assert "centre_mse" in (tmp_path / "vis" / "index.html").read_text()
+    missing = run_tool("train_distill.py", "--plugin", str(tmp_path / "nope.py"), "--cfg", str(recipe))
+    assert missing.returncode != 0 and "--plugin" in missing.stderr and "no such file" in missing.stderr
