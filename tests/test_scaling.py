@@ -126,3 +126,8 @@ def test_train_distill_logs_the_scale_and_knows_the_run_length(tiny_data, tmp_pa
     scales = [r["distill/scale"] for r in rows if r["type"] == "train"]
     assert scales == pytest.approx([kd_schedule_scale(i, 4, 2, "linear", 0.0) for i in range(4)])
     assert all("distill/weight/pkd" in r for r in rows if r["type"] == "train")
+    chosen = json.loads((Path(tmp_path) / "work_sched" / "auto_weights.json").read_text())
+    assert chosen["weights"]["pkd"] == pytest.approx(summary["distiller"].scaler.weights()["pkd"])
+    assert chosen["target_ratio"] == {"pkd": 0.5} and chosen["calibration_iters"] == 2
+    teacher = json.loads((Path(tmp_path) / "work_sched" / "teacher_val.json").read_text())
+    assert teacher["AP"] == pytest.approx(summary["teacher_ap"])  # for tools/diagnose.py

@@ -155,6 +155,9 @@ def test_cli_reports_teacher_and_student_ap_and_exports_plain_student(tiny_data,
     assert table[header].split()[:3] == ["model", "AP", "AP50"]
     assert table[header + 2].startswith("teacher ") and table[header + 3].startswith("student (distilled)")
     assert "exported student:" in proc.stdout
+    assert "diagnosis:" in proc.stdout  # the findings of tools/diagnose.py, printed at the end of the run
+    deploy = proc.stdout.split("deploy the student:", 1)[1].splitlines()[1:3]
+    assert "tools/predict.py" in deploy[0] and "student_best.pth" in deploy[0] and "tools/export.py" in deploy[1]
     exported = load_checkpoint(tmp_path / "work_d" / "student_best.pth")
     plain = build_detector("retinanet", "resnet18", NUM_CLASSES, fpn_channels=16, min_size=64, max_size=64)
     plain.load_state_dict(exported["model"])  # strict: a plain torchvision RetinaNet, no detkd modules

@@ -7,6 +7,8 @@ torchrun --nproc_per_node=2 tools/train_distill.py --cfg ...
 import time
 
 from detkd.cli import load_or_exit, run_main, train_parser
+from detkd.deploy import deploy_commands
+from detkd.diagnose import diagnose_run, format_findings
 from detkd.engine.runner import format_final_table, resolve_work_dir, train_distill
 from detkd.engine.trainer import is_main_process
 
@@ -28,6 +30,11 @@ def main() -> None:
         paths = visualize_recipe(cfg, summary["best_checkpoint"], cfg.report.mask_images, "val", str(out))
         pngs = [p for p in paths if str(p).endswith(".png")]
         print(f"mask pictures: {len(pngs)} PNGs, open {out / 'index.html'}")
+    run_dir = resolve_work_dir(cfg, args.work_dir)
+    print(format_findings(diagnose_run(run_dir)))  # why (no) gain: python tools/diagnose.py RUN_DIR
+    print("deploy the student:")
+    for command in deploy_commands(args.cfg, summary["best_checkpoint"], run_dir):
+        print(f"  {command}")
     print(f"total wall time {(time.time() - start) / 60:.1f} min")
 
 

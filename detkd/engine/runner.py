@@ -452,6 +452,7 @@ def train_distill(
     teacher_metrics = {}
     if is_main_process():
         teacher_metrics = check_teacher(cfg, distiller.teacher, val_set, device, show)
+        save_metrics(teacher_metrics, out / "teacher_val.json")  # read by tools/diagnose.py
     barrier()
     if cfg.data.unlabeled is not None:
         loader = make_mixed_loader(cfg, train_set)
@@ -464,6 +465,10 @@ def train_distill(
         from detkd.mask_panels import MaskImageCallback  # pure torch (no matplotlib)
 
         callbacks.append(MaskImageCallback.from_dataset(distiller, val_set, every=cfg.log.mask_images_every))
+    if distiller.scaler.names and is_main_process():
+        from detkd.losses.scaling import AutoWeightReport
+
+        callbacks.append(AutoWeightReport(distiller.scaler, out / "auto_weights.json", show=show))
     trainer = Trainer(
         cfg,
         distiller,

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["kd_schedule_scale", "LossScaler"]
+__all__ = ["kd_schedule_scale", "LossScaler", "AutoWeightReport"]
 
 
 def kd_schedule_scale(
@@ -124,3 +124,32 @@ class LossScaler(nn.Module):
     def auto_names(specs: Sequence) -> dict[str, float]:
         """``{name: target_ratio}`` of the loss specs whose weight is ``"auto"``."""
         return {s.name: s.target_ratio for s in specs if s.weight == "auto"}
+
+
+class AutoWeightReport:
+    """A trainer callback: when the ``weight: auto`` calibration ends, print the chosen weights and write them to
+    ``<work_dir>/auto_weights.json`` (``{loss: weight}``, with the target ratios and the iterations measured).
+
+    Args:
+        scaler: the Distiller's :class:`LossScaler`.
+        out_file: where the weights go.
+        show: print them.
+    """
+
+    def __init__(self, scaler: LossScaler, out_file, show: bool = True) -> None:
+        self.scaler, self.out_file, self.show = scaler, out_file, show
+        self.done = not scaler.calibrating  # a resumed run that had finished calibrating wrote the file already
+
+    def __call__(self, trainer, iteration: int, values) -> None:
+        if self.done or self.scaler.calibrating:
+            return
+        from detkd.engine.evaluator import save_metrics
+
+        weights = self.scaler.weights()
+        record = {"weights": weights, "target_ratio": dict(zip(self.scaler.names, self.scaler.target_ratio)),
+                  "calibration_iters": self.scaler.calibration_iters, "iteration": iteration}  # fmt: skip
+        save_metrics(record, self.out_file)  # atomic JSON
+        if self.show:
+            shown = ", ".join(f"{k} = {v:.4g}" for k, v in weights.items())
+            print(f"weight: auto calibrated over {self.scaler.calibration_iters} iterations: {shown} ({self.out_file})")
+        self.done = True
