@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Optional
 
 from torch import Tensor, nn
 
-__all__ = ["NEEDS", "FeatureLoss", "HeadLoss", "PairInfo"]
+__all__ = ["NEEDS", "FeatureLoss", "HeadLoss", "PairInfo", "require_matched_dense_heads"]
 
 NEEDS = frozenset(
     {"teacher_head", "teacher_rois", "teacher_rpn", "teacher_dets", "anchors", "cls_logits", "cross_head"}
@@ -68,6 +68,32 @@ class PairInfo:
     teacher_anchors: tuple[int, ...]
     student_anchors: tuple[int, ...]
     levels: tuple[str, ...]
+
+
+def require_matched_dense_heads(pair: PairInfo, loss: str, purpose: str, alternative: str) -> None:
+    """Raise ``ValueError`` unless teacher and student are one dense family (``logit_kd``) with the same anchors per
+    location and levels, so their head outputs line up position by position.
+
+    Args:
+        pair: the pair.
+        loss: the loss's name, for the message.
+        purpose: what the loss does with the heads (starts the message after the name).
+        alternative: what to use instead for pairs that do not line up.
+    """
+    t_fam, s_fam = pair.teacher_family, pair.student_family
+    if not (t_fam.logit_kd and s_fam.logit_kd and t_fam is s_fam):
+        raise ValueError(
+            f"{loss} {purpose} and needs a teacher and a student of one family with such a head (RetinaNet->RetinaNet "
+            f"or FCOS->FCOS); this recipe pairs a {t_fam.name} teacher with a {s_fam.name} student, whose heads do "
+            f"not line up. Use {alternative} for heterogeneous pairs."
+        )
+    if pair.teacher_anchors != pair.student_anchors or sorted(pair.teacher_strides) != sorted(pair.student_strides):
+        raise ValueError(
+            f"{loss} needs the same anchors per location and levels in teacher and student: teacher "
+            f"{list(pair.teacher_anchors)} anchors on {sorted(pair.teacher_strides)}, student "
+            f"{list(pair.student_anchors)} anchors on {sorted(pair.student_strides)}. Build both with the same "
+            f"anchor_sizes, or use {alternative}."
+        )
 
 
 class FeatureLoss(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from detkd.losses.base import HeadLoss, PairInfo
+from detkd.losses.base import HeadLoss, PairInfo, require_matched_dense_heads
 from detkd.losses.logit_functional import cross_kd_loss
 
 __all__ = ["CrossKDLoss"]
@@ -67,20 +67,8 @@ class CrossKDLoss(HeadLoss):
         self.conf_thr, self.box_weight, self.ctrness_weight = conf_thr, box_weight, ctrness_weight
 
     def check_pair(self, pair: PairInfo) -> None:
-        t_fam, s_fam = pair.teacher_family, pair.student_family
-        if not (t_fam.logit_kd and t_fam is s_fam):
-            raise ValueError(
-                f"cross_kd runs the student's features through the teacher's dense head and needs a teacher and a "
-                f"student of one dense family (RetinaNet->RetinaNet or FCOS->FCOS); this recipe pairs a {t_fam.name} "
-                f"teacher with a {s_fam.name} student. Use a feature loss or pseudo_label for heterogeneous pairs."
-            )
-        if pair.teacher_anchors != pair.student_anchors or sorted(pair.teacher_strides) != sorted(pair.student_strides):
-            raise ValueError(
-                f"cross_kd needs the same anchors per location and levels in teacher and student: teacher "
-                f"{list(pair.teacher_anchors)} anchors on {sorted(pair.teacher_strides)}, student "
-                f"{list(pair.student_anchors)} on {sorted(pair.student_strides)}. Build both with the same "
-                f"anchor_sizes."
-            )
+        purpose = "runs the student's features through the teacher's dense head"
+        require_matched_dense_heads(pair, "cross_kd", purpose, "a feature loss or pseudo_label")
 
     def forward(self, record) -> dict[str, Tensor]:
         cross, teacher = record.cross_head, record.teacher.head

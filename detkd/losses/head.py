@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from detkd.losses.base import HeadLoss, PairInfo
+from detkd.losses.base import HeadLoss, PairInfo, require_matched_dense_heads
 from detkd.losses.logit_functional import alpha_divergence_loss, dkd_loss, kd_loss, sigmoid_kd_loss
 from detkd.pseudo_labels import PSEUDO_LABEL_MODES, make_pseudo_targets
 
@@ -169,21 +169,7 @@ class DenseHeadKD(HeadLoss):
         self.ctrness_weight = ctrness_weight
 
     def check_pair(self, pair: PairInfo) -> None:
-        t_fam, s_fam = pair.teacher_family, pair.student_family
-        if not (t_fam.logit_kd and s_fam.logit_kd and t_fam is s_fam):
-            raise ValueError(
-                f"logit_kd distils dense-head logits at matched positions and needs a teacher and a student of one "
-                f"family with such a head (RetinaNet->RetinaNet or FCOS->FCOS); this recipe pairs a {t_fam.name} "
-                f"teacher with a {s_fam.name} student, whose heads do not line up. Use pseudo_label for "
-                f"heterogeneous pairs."
-            )
-        if pair.teacher_anchors != pair.student_anchors or sorted(pair.teacher_strides) != sorted(pair.student_strides):
-            raise ValueError(
-                f"logit_kd needs the same anchors per location and levels in teacher and student: teacher "
-                f"{list(pair.teacher_anchors)} anchors on {sorted(pair.teacher_strides)}, student "
-                f"{list(pair.student_anchors)} anchors on {sorted(pair.student_strides)}. Build both with the same "
-                f"anchor_sizes, or use pseudo_label."
-            )
+        require_matched_dense_heads(pair, "logit_kd", "distils dense-head logits at matched positions", "pseudo_label")
 
     def forward(self, record) -> dict[str, Tensor]:
         s_head, t_head = record.student.head, record.teacher.head
