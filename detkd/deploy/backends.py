@@ -85,7 +85,9 @@ class TorchScriptBackend:
         self.path = str(path)
         extra = {METADATA_KEY: ""}
         try:
-            self.module = torch.jit.load(self.path, map_location=self.device, _extra_files=extra).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated" (torch 2.14)
+                self.module = torch.jit.load(self.path, map_location=self.device, _extra_files=extra).eval()
         except Exception as err:  # noqa: BLE001 - any load failure is one message naming the file
             raise DeployError(f"TorchScript file '{path}' could not be loaded: {type(err).__name__}: {err}") from None
         self.metadata = json.loads(extra[METADATA_KEY]) if extra[METADATA_KEY] else {}

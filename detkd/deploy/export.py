@@ -115,7 +115,13 @@ def export_torchscript(model: DeployableDetector, out: PathLike, metadata: Optio
         warnings.simplefilter("ignore")
         scripted = torch.jit.script(model.eval())
     extra = {METADATA_KEY: json.dumps(metadata or {})}
-    return _replace_atomically(lambda tmp: torch.jit.save(scripted, tmp, _extra_files=extra), Path(out))
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.save is deprecated" (torch 2.14)
+            torch.jit.save(scripted, tmp, _extra_files=extra)
+
+    return _replace_atomically(write, Path(out))
 
 
 def export_onnx(
