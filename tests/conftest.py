@@ -30,6 +30,18 @@ def tiny_data(tmp_path_factory) -> dict:
     return generate_synthetic_coco(str(out), num_train=24, num_val=8, size=64, seed=3, show_progress=False)
 
 
+@pytest.fixture(scope="session")
+def untrained_teacher_ckpt(tmp_path_factory) -> str:
+    """An untrained tiny RetinaNet teacher (ResNet-18, FPN 32, 64 px) for the tiny set's 8 classes, as a checkpoint."""
+    from detkd.models.build import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("retinanet", "resnet18", 9, fpn_channels=32, min_size=64, max_size=64)
+    path = tmp_path_factory.mktemp("untrained_teacher") / "teacher.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
 def tiny_model(arch: str = "retinanet", backbone: str = "resnet18", fpn_channels: int = 16) -> dict:
     return {"arch": arch, "backbone": backbone, "fpn_channels": fpn_channels, "min_size": 64, "max_size": 64}
 

@@ -56,12 +56,8 @@ register_head_loss("score_mse", ScoreMSE)
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = build_detector("retinanet", "resnet18", NUM_CLASSES, fpn_channels=32, min_size=64, max_size=64)
-    path = tmp_path_factory.mktemp("ext_teacher") / "teacher.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return str(path)
+def teacher_ckpt(untrained_teacher_ckpt) -> str:
+    return untrained_teacher_ckpt
 
 
 def plugin_recipe(tiny_data, tmp_path, teacher_ckpt, **extra) -> Path:

@@ -182,7 +182,8 @@ def test_frozen_bn_norm() -> None:
 
 
 @pytest.mark.parametrize(
-    "arch,family", [("retinanet", "retinanet"), ("fcos", "fcos"), ("faster_rcnn", "faster_rcnn"), ("ssdlite", "ssdlite")]
+    "arch,family",
+    [("retinanet", "retinanet"), ("fcos", "fcos"), ("faster_rcnn", "faster_rcnn"), ("ssdlite", "ssdlite")],
 )
 def test_detector_family(arch: str, family: str) -> None:
     backbone = "mobilenet_v3_small"
@@ -357,7 +358,8 @@ def test_build_detector_from_cfg_uses_the_config_dataclasses(tmp_path) -> None:
         backbone: str = "resnet18"
         learning_rate: Optional[float] = None
 
-    with pytest.raises(ValueError, match=r"unknown detector option\(s\) \['learning_rate'\]; accepted: arch, backbone, fpn_channels"):
+    expected = r"unknown detector option\(s\) \['learning_rate'\]; accepted: arch, backbone, fpn_channels"
+    with pytest.raises(ValueError, match=expected):
         build_detector_from_cfg(WithExtra(), NUM_CLASSES)
 
 

@@ -45,8 +45,8 @@ def test_a_second_student_pass_does_not_overwrite_what_roi_kd_reads():
     (first) pass. Before the record redesign the second pass's proposals replaced them."""
     teacher = detector("faster_rcnn", fpn=32, score_thresh=0.0)
     student = detector("faster_rcnn", fpn=16)
-    heads = [LossSpec("roi_kd", HEAD_LOSSES["roi_kd"](max_rois=None), 1.0), LossSpec("pseudo_label", pseudo(mode="separate",
-             score_thr=0.0, max_dets=5), 0.5)]  # fmt: skip
+    separate = pseudo(mode="separate", score_thr=0.0, max_dets=5)
+    heads = [LossSpec("roi_kd", HEAD_LOSSES["roi_kd"](max_rois=None), 1.0), LossSpec("pseudo_label", separate, 0.5)]
     d = Distiller(teacher, student, (), heads, probe_size=64).train()
     student_calls, teacher_calls = [], []
     student.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, a: student_calls.append(a[1]))

@@ -24,7 +24,6 @@ from detkd.distiller import build_distiller_from_cfg
 from detkd.losses import FEATURE_LOSSES, LevelContext, build_feature_loss
 from detkd.losses import functional as KF
 from detkd.mask_panels import MaskImageCallback, collect_masks, grid_shape, loss_weight_map
-from detkd.models.build import build_detector
 from detkd.vis import load_student_weights, metric_series, plot_level_figure, plot_logs, read_metrics, visualize_recipe
 
 NUM_CLASSES = 9  # the synthetic set's 8 categories + background
@@ -41,13 +40,8 @@ def no_onednn():
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    """An untrained tiny RetinaNet teacher (FPN 32) saved as a checkpoint."""
-    torch.manual_seed(0)
-    model = build_detector("retinanet", "resnet18", NUM_CLASSES, fpn_channels=32, min_size=64, max_size=64)
-    path = tmp_path_factory.mktemp("vis_teacher") / "teacher.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return str(path)
+def teacher_ckpt(untrained_teacher_ckpt) -> str:
+    return untrained_teacher_ckpt
 
 
 def recipe(tiny_data, tmp_path, teacher_ckpt, features=(), head=(), name="vis"):
