@@ -1,8 +1,9 @@
 """A loss defined outside detkd, registered through the public API, works from a recipe end to end: config
 validation, ``train_distill``, the TensorBoard mask images and ``visualize_masks`` — with no edit to detkd's files.
 
-This file is also a plugin module: ``tools/train_distill.py --plugin tests/test_extending.py`` imports it, which
-registers its two losses.
+The losses and the detector family are defined here and registered by the ``registered`` fixture (and removed after
+this module, so the registries other test modules list stay detkd's own); the CLI test writes a three-line plugin
+that imports them from this file and registers them, as a user's ``--plugin my_losses.py`` would.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_recipe
 from torch import Tensor
+from torchvision.models.detection import RetinaNet
 
 from detkd.config import ConfigError, load_config
 from detkd.losses import FEATURE_LOSSES, HEAD_LOSSES, FeatureLoss, HeadLoss, register_feature_loss, register_head_loss
-from detkd.models.build import build_detector
+from detkd.models.build import DENSE_STRIDES, build_detector, build_retinanet
+from detkd.models.families import FAMILIES, DetectorFamily, register_family
 
 NUM_CLASSES = 9  # the tiny synthetic set's 8 categories + background
 
@@ -51,8 +54,16 @@ class ScoreMSE(HeadLoss):
         return (s.sigmoid() - t.sigmoid()).pow(2).mean()
 
 
-register_feature_loss("centre_mse", CentreWeightedMSE)
-register_head_loss("score_mse", ScoreMSE)
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """Register this file's losses and family for the module's tests; remove them afterwards."""
+    register_feature_loss("centre_mse", CentreWeightedMSE)
+    register_head_loss("score_mse", ScoreMSE)
+    register_family(THREE_ANCHOR_FAMILY)
+    yield
+    FEATURE_LOSSES.pop("centre_mse")
+    HEAD_LOSSES.pop("score_mse")
+    FAMILIES.pop("retinanet3")
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +147,6 @@ def test_a_registered_loss_validates_trains_and_draws(tiny_data, tmp_path, teach
 # A detector family from outside detkd
 # ----------------------------------------------------------------------------------------------------------------
 
-from torchvision.models.detection import RetinaNet  # noqa: E402
-
-from detkd.models.build import DENSE_STRIDES, build_retinanet  # noqa: E402
-from detkd.models.families import FAMILIES, DetectorFamily, register_family  # noqa: E402
-
 
 class ThreeAnchorRetinaNet(RetinaNet):
     """Test family: RetinaNet with one anchor size per level (3 aspect ratios) instead of 3 x 3."""
@@ -157,14 +163,11 @@ def build_three_anchor_retinanet(spec, num_classes, backbone_state_dict=None):
     return model
 
 
-if "retinanet3" not in FAMILIES:
-    register_family(
-        DetectorFamily(
-            "retinanet3", ThreeAnchorRetinaNet, build_three_anchor_retinanet, DENSE_STRIDES, "dense", logit_kd=True,
-            class_dependent_prefixes=("head.classification_head.",),
-            decode=lambda model, codes, anchors: model.box_coder.decode_single(codes, anchors),
-        )
-    )  # fmt: skip
+THREE_ANCHOR_FAMILY = DetectorFamily(
+    "retinanet3", ThreeAnchorRetinaNet, build_three_anchor_retinanet, DENSE_STRIDES, "dense", logit_kd=True,
+    class_dependent_prefixes=("head.classification_head.",),
+    decode=lambda model, codes, anchors: model.box_coder.decode_single(codes, anchors),
+)  # fmt: skip
 
 
 def test_a_registered_family_builds_from_a_recipe_and_distils(tiny_data, tmp_path):
@@ -200,11 +203,18 @@ def test_a_registered_family_builds_from_a_recipe_and_distils(tiny_data, tmp_pat
 
 
 def test_the_cli_tools_load_a_plugin_that_registers_a_loss(tiny_data, tmp_path, teacher_ckpt):
-    """tools/train_distill.py and tools/visualize_masks.py with ``--plugin tests/test_extending.py``: this file
-    registers ``centre_mse`` and ``score_mse`` when it is imported; nothing in detkd names them."""
+    """tools/train_distill.py and tools/visualize_masks.py with ``--plugin my_losses.py``, a file that registers this
+    module's ``centre_mse`` and ``score_mse``; nothing in detkd names them."""
     from conftest import REPO, run_tool
 
-    plugin = str(REPO / "tests" / "test_extending.py")
+    plugin = tmp_path / "my_losses.py"  # what a user writes: import the classes, register them
+    plugin.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_extending import CentreWeightedMSE, ScoreMSE\n"
+        "from detkd.losses import register_feature_loss, register_head_loss\n"
+        "register_feature_loss('centre_mse', CentreWeightedMSE)\nregister_head_loss('score_mse', ScoreMSE)\n"
+    )
+    plugin = str(plugin)
     recipe = plugin_recipe(tiny_data, tmp_path, teacher_ckpt)
     unknown = run_tool("train_distill.py", "--cfg", str(recipe), "--no-progress")
     assert unknown.returncode != 0 and "unknown feature loss 'centre_mse'" in unknown.stderr

@@ -238,13 +238,18 @@ def test_fgd_global_zero_with_identical_blocks_and_trains_both_blocks():
 BOXES = [torch.tensor([[4.0, 6.0, 30.0, 22.0], [20.0, 28.0, 60.0, 62.0]]), torch.zeros(0, 4)]
 
 
-def make_ctx(seed: int = 0, logits: bool = True, same: bool = False) -> LevelContext:
+# relation distils how 3+ instances of an image relate (two instances carry no relation under its normalisation)
+BOXES3 = [torch.cat([BOXES[0], torch.tensor([[36.0, 2.0, 62.0, 20.0]])]), BOXES[1]]
+
+
+def make_ctx(seed: int = 0, logits: bool = True, same: bool = False, boxes=None) -> LevelContext:
+    boxes = boxes if boxes is not None else BOXES
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(2, 8, 8, 8, generator=g).requires_grad_()
     s = (t.detach().clone() if same else torch.randn(2, 8, 8, 8, generator=g)).requires_grad_()
     t_cls = torch.randn(2, 9 * 2, 8, 8, generator=g) if logits else None
     s_cls = torch.randn(2, 9 * 2, 8, 8, generator=g) if logits else None
-    return LevelContext("p3", 8, (64, 64), BOXES, s, t, t_cls_logits=t_cls, s_cls_logits=s_cls)
+    return LevelContext("p3", 8, (64, 64), boxes, s, t, t_cls_logits=t_cls, s_cls_logits=s_cls)
 
 
 def build(name: str, **params) -> nn.Module:
@@ -259,7 +264,7 @@ def build(name: str, **params) -> nn.Module:
 @pytest.mark.parametrize("name", list_feature_losses())
 def test_module_finite_scalar_with_grad_to_student_only(name):
     torch.manual_seed(0)
-    loss_fn, ctx = build(name), make_ctx()
+    loss_fn, ctx = build(name), make_ctx(boxes=BOXES3 if name == "relation" else None)
     loss = loss_fn(ctx.s_feat, ctx.t_feat, ctx)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
@@ -370,6 +375,7 @@ GOLDEN = {
     "gid": 17.022903442382812,
     "mse": 2.1156482696533203,
     "pkd": 1.0105323791503906,
+    "relation": 0.0006846024189144373,  # on BOXES3 (three instances in image 0)
 }
 
 
@@ -383,5 +389,5 @@ def test_golden_number(name):
     loss_fn = build(name)
     for p in loss_fn.parameters():
         nn.init.normal_(p, std=0.2)
-    ctx = make_ctx(seed=0)
+    ctx = make_ctx(seed=0, boxes=BOXES3 if name == "relation" else None)
     assert float(loss_fn(ctx.s_feat, ctx.t_feat, ctx).detach()) == pytest.approx(GOLDEN[name], rel=1e-4)
