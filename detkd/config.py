@@ -104,12 +104,16 @@ class ModelCfg(DetectorSpec):
 
 @dataclass(frozen=True)
 class TeacherCfg(ModelCfg):
-    """The frozen teacher. ``train_if_missing`` names a recipe that trains it (into the folder of ``checkpoint``,
-    which must then be named ``best.pth``) when ``checkpoint`` does not exist; ``train_opts`` are ``--opts``
-    overrides for that recipe."""
+    """The teacher. ``train_if_missing`` names a recipe that trains it (into the folder of ``checkpoint``, which
+    must then be named ``best.pth``) when ``checkpoint`` does not exist; ``train_opts`` are ``--opts`` overrides for
+    that recipe. ``mode``: ``frozen`` (a trained teacher, never updated) or ``ema`` (self-distillation: the teacher
+    is an exponential moving average of the student, ``t <- momentum * t + (1 - momentum) * s`` after every step;
+    same architecture as the student, no checkpoint)."""
 
     train_if_missing: Optional[str] = None
     train_opts: tuple[str, ...] = ()
+    mode: Literal["frozen", "ema"] = "frozen"
+    momentum: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -575,6 +579,26 @@ def _check_detectors(cfg: Config, ctx: _Context) -> None:
         if model.backbone not in BACKBONES:
             valid = ", ".join(sorted(BACKBONES))
             raise ctx.error(f"{key}.backbone", f"unknown backbone '{model.backbone}'; valid: {valid}.")
+    _check_ema_teacher(cfg, ctx)
+
+
+def _check_ema_teacher(cfg: Config, ctx: _Context) -> None:
+    """An EMA teacher is an average of the student: the same detector, and nothing to load."""
+    teacher, student = cfg.teacher, cfg.student
+    if teacher is None or teacher.mode != "ema" or student is None:
+        return
+    for name in ("arch", "backbone", "fpn_channels", "min_size", "max_size", "anchor_sizes", "norm"):
+        if getattr(teacher, name) != getattr(student, name):
+            raise ctx.error(
+                f"teacher.{name}",
+                f"is {getattr(teacher, name)!r} but the student's is {getattr(student, name)!r}; a teacher with mode "
+                f"'ema' is an average of the student and must be the same detector.",
+            )
+    for name in ("checkpoint", "weights", "train_if_missing"):
+        if getattr(teacher, name) is not None:
+            raise ctx.error(
+                f"teacher.{name}", "is set, but a teacher with mode 'ema' starts as a copy of the student: remove it."
+            )
 
 
 def _check_transforms(cfg: Config, ctx: _Context) -> None:
@@ -660,6 +684,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("KDScheduleCfg", "final_ratio"): _NON_NEGATIVE,
     ("KDScheduleCfg", "stop_at"): Range(0, 1, lo_open=True),
     ("DistillCfg", "calibration_iters"): _at_least(1),
+    ("TeacherCfg", "momentum"): Range(0, 1, hi_open=True),
     ("TeacherCheckCfg", "num_images"): _at_least(1),
     ("TeacherCheckCfg", "min_ap"): _UNIT,
     ("OptimizerCfg", "lr"): _POSITIVE,

@@ -45,6 +45,9 @@ from detkd.models.taps import (
     select_rois,
 )
 
+EMA_PREFIX = "ema_teacher."
+"""Checkpoint key prefix of an EMA teacher's weights."""
+
 
 @dataclass
 class LossSpec:
@@ -111,6 +114,9 @@ class Distiller(nn.Module):
         schedule: ``(warmup_iters, decay, final_ratio, stop_at)`` of the distillation scale
             (:func:`detkd.losses.scaling.kd_schedule_scale`), or None.
         calibration_iters: iterations over which ``weight: auto`` losses are calibrated.
+        ema_momentum: self-distillation: the teacher is an exponential moving average of the student,
+            ``t <- m * t + (1 - m) * s`` before every training forward (so it averages the student up to its last
+            step); ``teacher`` must then be a copy of the student. None: a frozen teacher.
 
     Attributes:
         needs: the union of every loss's ``needs`` (what the teacher computes each step).
@@ -128,8 +134,15 @@ class Distiller(nn.Module):
         probe_size: int = 128,
         schedule: Optional[tuple[int, str, float, float]] = None,
         calibration_iters: int = 50,
+        ema_momentum: Optional[float] = None,
     ) -> None:
         super().__init__()
+        if ema_momentum is not None:
+            if not 0.0 <= ema_momentum < 1.0:
+                raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+            if teacher.state_dict().keys() != student.state_dict().keys():
+                raise ValueError("an EMA teacher must be a copy of the student (the same architecture)")
+        self.ema_momentum = ema_momentum
         object.__setattr__(self, "teacher", freeze(teacher))  # not a submodule: see the module docstring
         self.student = student
         self.teacher_family = family_of(teacher)
@@ -219,10 +232,21 @@ class Distiller(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the teacher: the student, the adapters and any learnable loss parts (e.g. FGD GcBlocks)."""
-        return self.state_dict()
+        """Everything a resumed run needs: the student, the adapters, learnable loss parts (e.g. FGD GcBlocks), the
+        loss scaler; a frozen teacher is left out (it is loaded from its own checkpoint), an EMA teacher is kept
+        (under ``ema_teacher.``: it is part of the training state)."""
+        state = self.state_dict()
+        if self.ema_momentum is not None:
+            state.update({f"{EMA_PREFIX}{k}": v for k, v in self.teacher.state_dict().items()})
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ema = {k[len(EMA_PREFIX) :]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+        if self.ema_momentum is not None:
+            if not ema:
+                raise RuntimeError("distiller checkpoint does not fit: it holds no EMA teacher (ema_teacher.*)")
+            self.teacher.load_state_dict(ema)
         missing, unexpected = self.load_state_dict(state, strict=False)
         if not (self.scaler.names or self.scaler.schedule):  # checkpoints from before the scaler existed
             missing = [k for k in missing if not k.startswith("scaler.")]
@@ -338,6 +362,19 @@ class Distiller(nn.Module):
             return detections, None
         return detections, (seen["canvas"], out, dict(self.t_tap.features), dict(self.t_tap.head_outputs))
 
+    @torch.no_grad()
+    def update_ema_teacher(self) -> None:
+        """``t <- m * t + (1 - m) * s`` for every floating-point parameter and buffer (BatchNorm statistics too);
+        integer buffers (``num_batches_tracked``) are copied."""
+        m = self.ema_momentum
+        t_state, s_state = self.teacher.state_dict(), self.student.state_dict()
+        floats = [k for k, v in t_state.items() if v.is_floating_point()]
+        torch._foreach_mul_([t_state[k] for k in floats], m)
+        torch._foreach_add_([t_state[k] for k in floats], [s_state[k].detach() for k in floats], alpha=1.0 - m)
+        for k, v in t_state.items():
+            if not v.is_floating_point():
+                v.copy_(s_state[k])
+
     def adapter(self, level: str) -> Optional[nn.Module]:
         """The adapter of ``level`` (None where no feature loss distils)."""
         return self.adapters[level] if level in self.adapters else None
@@ -374,6 +411,8 @@ class Distiller(nn.Module):
     def forward(self, images: list[torch.Tensor], targets: Optional[list[dict[str, torch.Tensor]]] = None):
         if not self.training:
             return self.student(images)
+        if self.ema_momentum is not None:
+            self.update_ema_teacher()
         scaler = self.scaler
         scale = scaler.scale()
         self.log_scalars = {"distill/scale": scale} if scaler.schedule is not None else {}
@@ -428,7 +467,8 @@ def build_distiller_from_cfg(cfg, num_classes: int, cat_id_to_label: Optional[di
 
     if cfg.teacher is None or cfg.student is None:
         raise ValueError(f"recipe '{cfg.name}' needs both 'teacher' and 'student' sections to distil.")
-    if cfg.teacher.checkpoint is None and cfg.teacher.weights is None:
+    ema = cfg.teacher.mode == "ema"
+    if not ema and cfg.teacher.checkpoint is None and cfg.teacher.weights is None:
         raise ValueError(
             f"recipe '{cfg.name}': teacher.checkpoint is not set; a teacher must be trained — give the path of its "
             f"checkpoint (or teacher.train_if_missing: <teacher recipe>)."
@@ -450,6 +490,8 @@ def build_distiller_from_cfg(cfg, num_classes: int, cat_id_to_label: Optional[di
                 f"recipe '{cfg.name}': student.init is 'inherit_teacher' but no neck/head tensor of the teacher "
                 f"matches the student's shapes (different FPN widths?); use 'scratch' or 'checkpoint'."
             )
+    if ema:  # self-distillation: the teacher starts as the student and follows its moving average
+        teacher.load_state_dict(student.state_dict())
 
     distill = cfg.distill
     feature_specs, head_specs, pseudo_labeler = [], [], None
@@ -484,6 +526,7 @@ def build_distiller_from_cfg(cfg, num_classes: int, cat_id_to_label: Optional[di
         probe_size=probe,
         schedule=schedule,
         calibration_iters=calibration_iters,
+        ema_momentum=cfg.teacher.momentum if ema else None,
     )
 
 

@@ -450,7 +450,7 @@ def train_distill(
         )
     show = show_progress and is_main_process()
     teacher_metrics = {}
-    if is_main_process():
+    if is_main_process() and cfg.teacher.mode == "frozen":  # an EMA teacher starts untrained, by design
         teacher_metrics = check_teacher(cfg, distiller.teacher, val_set, device, show)
         save_metrics(teacher_metrics, out / "teacher_val.json")  # read by tools/diagnose.py
     barrier()
