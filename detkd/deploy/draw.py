@@ -37,7 +37,7 @@ def draw_detections(image_rgb: np.ndarray, detections: Detections, categories: C
     if scale > 1:
         canvas = cv2.resize(canvas, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
     side = min(canvas.shape[:2])
-    thickness = max(1, round(side / 300))
+    thickness = max(2, round(side / 200))
     font_scale = max(0.35, side / 900)
     order = np.argsort(detections.scores, kind="stable")  # strongest drawn last, on top
     for k in order:
@@ -49,7 +49,8 @@ def draw_detections(image_rgb: np.ndarray, detections: Detections, categories: C
         text = f"{categories.name_of(cat)} {float(detections.scores[k]):.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
         ty = y0 - 2 if y0 - th - base - 2 >= 0 else y0 + th + base + 2  # above the box, or inside if no room
-        cv2.rectangle(canvas, (x0, ty - th - base), (x0 + tw + 2, ty + base // 2), color, -1)
-        cv2.putText(canvas, text, (x0 + 1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1,
+        tx = min(max(0, x0), canvas.shape[1] - tw - 2)  # keep the label inside the picture
+        cv2.rectangle(canvas, (tx, ty - th - base), (tx + tw + 2, ty + base // 2), color, -1)
+        cv2.putText(canvas, text, (tx + 1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1,
                     cv2.LINE_AA)  # fmt: skip
     return canvas
