@@ -37,8 +37,20 @@ PAIRS: dict[str, dict[str, Any]] = {
     "retinanet": {
         "teacher": {"arch": "retinanet", "backbone": "resnet50", "fpn_channels": 256},
         "student": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 64},
-        "methods": ["mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "relation", "pseudo_label",
-                    "logit_kd", "cross_kd"],
+        "methods": [
+            "mse",
+            "fgfi",
+            "defeat",
+            "gid",
+            "attention",
+            "fgd",
+            "pkd",
+            "cwd",
+            "relation",
+            "pseudo_label",
+            "logit_kd",
+            "cross_kd",
+        ],
     },
     "faster_rcnn": {
         "teacher": {"arch": "faster_rcnn", "backbone": "resnet50", "fpn_channels": 256},
@@ -47,7 +59,13 @@ PAIRS: dict[str, dict[str, Any]] = {
     },
 }
 FEATURE_METHODS = {"mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "relation"}
-HEAD_METHODS = {"pseudo_label": {"score_thr": 0.3}, "logit_kd": {}, "cross_kd": {}, "roi_kd": {}, "dkd": {"loss": "dkd"}}
+HEAD_METHODS = {
+    "pseudo_label": {"score_thr": 0.3},
+    "logit_kd": {},
+    "cross_kd": {},
+    "roi_kd": {},
+    "dkd": {"loss": "dkd"},
+}
 
 
 def make_batch(batch: int, size: int, num_classes: int, seed: int = 0):
