@@ -149,10 +149,9 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
 
 def _export_last_weights(work: Path) -> None:
     """The teacher the students learn from is the model after the last epoch (not picked on val)."""
-    import torch
+    from detkd.engine.checkpoint import load_checkpoint, save_checkpoint
 
-    ckpt = torch.load(work / "last.pth", map_location="cpu", weights_only=True)
-    torch.save({"model": ckpt["model"]}, work / "last_weights.pth")
+    save_checkpoint({"model": load_checkpoint(work / "last.pth")["model"]}, work / "last_weights.pth")
 
 
 def ensure_loss_scales(teacher_ckpt: str) -> None:
@@ -214,10 +213,9 @@ def ranked_methods(records: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    from detkd.files import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1)), binary=False)
 
 
 def aggregate(records: list[dict[str, Any]], teacher_ap: float, baseline_ap: Optional[float]) -> dict[str, Any]:

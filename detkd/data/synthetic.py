@@ -41,6 +41,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from detkd.files import atomic_write
+
 __all__ = [
     "CATEGORIES",
     "GENERATOR_VERSION",
@@ -445,12 +447,13 @@ def _split_paths(out_dir: Union[str, os.PathLike], split: str) -> dict[str, str]
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write compact, key-sorted json atomically (a temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write compact, key-sorted json atomically (:func:`detkd.files.atomic_write`)."""
+
+    def write(f) -> None:
         json.dump(obj, f, sort_keys=True, separators=(",", ":"))
         f.write("\n")
-    os.replace(tmp, path)
+
+    atomic_write(path, write, binary=False)
 
 
 def generate_split(
