@@ -152,7 +152,7 @@ def check_resume(cfg: Config, out: Path) -> dict[str, tuple[Any, Any]]:
     try:  # the stored config with today's defaults filled in: a key added to detkd since is not a change
         stored = config_to_dict(config_from_dict(stored, source=str(last)))
     except ConfigError:
-        pass
+        pass  # a config this version cannot read: compare it as stored, key by key
     diff = config_diff(stored, config_to_dict(cfg))
     refused = {k: v for k, v in diff.items() if not _safe_on_resume(k)}
     if refused:
