@@ -15,6 +15,24 @@ from detkd.models.build import build_detector
 NUM_CLASSES = 9
 
 
+def baseline_recipe(tiny_data, tmp_path, name, student_backbone="resnet18", feature="pkd"):
+    """A tiny FCOS distillation recipe with report.baseline on (an untrained FCOS teacher saved in tmp_path)."""
+    torch.manual_seed(0)
+    teacher = build_detector("fcos", "resnet18", NUM_CLASSES, fpn_channels=32, min_size=64, max_size=64)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    return tiny_recipe(
+        tiny_data,
+        tmp_path,
+        name,
+        teacher={**tiny_model("fcos", fpn_channels=32), "checkpoint": str(tmp_path / "teacher.pth")},
+        student=tiny_model("fcos", backbone=student_backbone, fpn_channels=16),
+        distill={"features": [{"type": feature}], "teacher_check": {"enabled": False}},
+        train={"epochs": 1, "max_iters": 2, "device": "cpu", "log_interval": 1, "warmup_iters": 1},
+        eval={"interval": 1, "max_images": 4},
+        report={"baseline": True},
+    )
+
+
 def test_final_table_numbers_from_given_rows():
     rows = [
         ModelCost("teacher", 20_000_000, 4_000_000_000, 50.0, metrics={"AP": 0.40, "AP50": 0.60}),
@@ -33,20 +51,7 @@ def test_final_table_numbers_from_given_rows():
 
 
 def test_baseline_student_starts_from_the_distilled_students_init(tiny_data, tmp_path):
-    torch.manual_seed(0)
-    teacher = build_detector("fcos", "resnet18", NUM_CLASSES, fpn_channels=32, min_size=64, max_size=64)
-    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
-    recipe = tiny_recipe(
-        tiny_data,
-        tmp_path,
-        "qs",
-        teacher={**tiny_model("fcos", fpn_channels=32), "checkpoint": str(tmp_path / "teacher.pth")},
-        student=tiny_model("fcos", fpn_channels=16),
-        distill={"features": [{"type": "pkd"}], "teacher_check": {"enabled": False}},
-        train={"epochs": 1, "max_iters": 2, "device": "cpu", "log_interval": 1, "warmup_iters": 1},
-        eval={"interval": 1, "max_images": 4},
-        report={"baseline": True},
-    )
+    recipe = baseline_recipe(tiny_data, tmp_path, "qs")
     summary = train_distill(load_config(recipe), show_progress=False)
     work = tmp_path / "work_qs"
     init = torch.load(work / "student_init.pth", weights_only=True)
@@ -68,20 +73,7 @@ def test_baseline_student_starts_from_the_distilled_students_init(tiny_data, tmp
 
 
 def test_cli_table_has_three_rows_and_headlines(tiny_data, tmp_path):
-    torch.manual_seed(0)
-    teacher = build_detector("fcos", "resnet18", NUM_CLASSES, fpn_channels=32, min_size=64, max_size=64)
-    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
-    recipe = tiny_recipe(
-        tiny_data,
-        tmp_path,
-        "qs_cli",
-        teacher={**tiny_model("fcos", fpn_channels=32), "checkpoint": str(tmp_path / "teacher.pth")},
-        student=tiny_model("fcos", backbone="mobilenet_v3_small", fpn_channels=16),
-        distill={"features": [{"type": "cwd"}], "teacher_check": {"enabled": False}},
-        train={"epochs": 1, "max_iters": 2, "device": "cpu", "log_interval": 1, "warmup_iters": 1},
-        eval={"interval": 1, "max_images": 4},
-        report={"baseline": True},
-    )
+    recipe = baseline_recipe(tiny_data, tmp_path, "qs_cli", student_backbone="mobilenet_v3_small", feature="cwd")
     proc = run_tool("train_distill.py", "--cfg", str(recipe), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
