@@ -74,6 +74,7 @@ WALL_TIME_SEEDS = 2
 LONG_FACTOR = 4  # the long schedule: the student schedule x 4
 LONG_TOP = 2  # ... for the baseline and this many best recipes
 LONG_SEEDS = 2
+TUNE_CFG = BENCH_CFG / "_base_" / "tune.yaml"  # the tuning split: the regime is judged on it, never on val
 GAP_RUN = "baseline_teacher_schedule"  # the regime check: the baseline student on the teacher's whole schedule
 GAP_SEEDS = 2
 MIN_GAP = 0.10  # the teacher must stay this far (AP) above GAP_RUN
@@ -270,16 +271,55 @@ def estimate_elapsed_h(plan: list[tuple[int, bool]], step_s: dict[str, float], j
     return total / max(jobs, 1) / 3600
 
 
-def regime_check(teacher: dict[str, Any], gap_records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The validity of the regime: teacher converged, and its AP at least MIN_GAP above the baseline student
-    trained for the teacher's whole schedule."""
-    out: dict[str, Any] = {"teacher_AP": teacher["AP"], "teacher_converged": converged(teacher.get("curve", []))}
-    if gap_records:
-        base = statistics.mean(r["AP"] for r in gap_records)
-        out.update(baseline_teacher_schedule_AP=base, gap=teacher["AP"] - base)
+def tune_split_opts() -> list[str]:
+    """``--opts`` that score a bench recipe on the tuning split (``configs/bench/_base_/tune.yaml``), made on first
+    use (deterministic, like the benchmark data)."""
+    sys.path.insert(0, str(REPO))
+    from detkd.config import load_config
+    from detkd.data.synthetic import ensure_synthetic
+
+    synthetic = load_config(TUNE_CFG).data.synthetic
+    ensure_synthetic(synthetic)
+    root = Path(synthetic.out)
+    return [f"data.val.ann_file={root / 'annotations' / 'val.json'}", f"data.val.img_dir={root / 'images' / 'val'}"]
+
+
+def tune_ap(record: dict[str, Any], record_file: Path, recipe: str, checkpoint: Path, model: str = "model") -> float:
+    """The AP of a stored run's final weights on the tuning split; evaluated once and kept in its record."""
+    if "tune_AP" not in record:
+        out = checkpoint.parent / "tune_eval"
+        cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--cfg", str(BENCH_CFG / recipe), "--ckpt",
+               str(checkpoint), "--out", str(out), "--model", model, "--no-progress"]  # fmt: skip
+        cmd += ["--opts", *tune_split_opts()]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        subprocess.run(cmd, check=True, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        record["tune_AP"] = json.loads((out / "metrics.json").read_text())["AP"]
+        _write_json(record_file, record)
+    return record["tune_AP"]
+
+
+def regime_check(
+    teacher: dict[str, Any], gap_records: list[dict[str, Any]], split: str = "val", key: str = "AP"
+) -> dict[str, Any]:
+    """The validity of the regime on one split (``key``: the records' AP on it): teacher converged (its val
+    learning curve), and its AP at least MIN_GAP above the baseline student trained for the teacher's whole
+    schedule."""
+    out: dict[str, Any] = {"split": split, "teacher_AP": teacher.get(key)}
+    out["teacher_converged"] = converged(teacher.get("curve", []))
+    if gap_records and out["teacher_AP"] is not None and all(key in r for r in gap_records):
+        base = statistics.mean(r[key] for r in gap_records)
+        out.update(baseline_teacher_schedule_AP=base, gap=out["teacher_AP"] - base)
         out["gap_ok"] = out["gap"] >= MIN_GAP
     out["valid"] = bool(out.get("gap_ok")) and out["teacher_converged"] is not False
     return out
+
+
+def tune_regime_check(teacher: dict[str, Any], teacher_tag: str, gap_records: list[dict[str, Any]], tag: str):
+    """:func:`regime_check` on the tuning split: the decision to go on is taken on it, never on val."""
+    tune_ap(teacher, RESULTS / "runs" / f"{teacher_tag}.json", TEACHER_RECIPE, Path(teacher["checkpoint"]))
+    for r in gap_records:
+        tune_ap(r, record_path(tag, GAP_RUN, r["seed"]), r["recipe"], REPO / r["work_dir"] / "last.pth")
+    return regime_check(teacher, gap_records, "tune", "tune_AP")
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -301,6 +341,13 @@ def to_markdown(results: dict[str, Any]) -> str:
             f"Regime check: the baseline student trained for the teacher's whole schedule (`{GAP_RUN}`) reaches AP "
             f"{100 * check['baseline_teacher_schedule_AP']:.1f}, {100 * check['gap']:.1f} AP below the teacher "
             f"(required: >= {100 * MIN_GAP:.0f}): {'valid' if check['gap_ok'] else 'NOT VALID'}."
+        )
+    tune = check.get("tune") or {}
+    if "gap" in tune:
+        lines.append(
+            f"The same check on the tuning split (the one the decision is taken on): teacher AP "
+            f"{100 * tune['teacher_AP']:.1f}, `{GAP_RUN}` {100 * tune['baseline_teacher_schedule_AP']:.1f}, gap "
+            f"{100 * tune['gap']:.1f} AP: {'valid' if tune['valid'] else 'NOT VALID'}."
         )
     lines += [
         "",
@@ -439,11 +486,15 @@ def main() -> None:
                     print(f"[bench] FAILED {name} seed {seed}: {err}", flush=True)
 
     check = regime_check(teacher, records.get(GAP_RUN, []))
+    check["tune"] = regime_check(teacher, records.get(GAP_RUN, []), "tune", "tune_AP")  # from stored evaluations
     if not args.report_only:
         run_all([(n, r, s, o) for phase, n, r, s, o in planned if phase == "check"])
         check = regime_check(teacher, records.get(GAP_RUN, []))
-        if not args.quick and not check["valid"] and not args.force:
-            print(f"[bench] the regime check failed: {check}; fix the regime (or --force)", flush=True)
+        if not args.quick:
+            check["tune"] = tune_regime_check(teacher, f"{tag}_teacher", records.get(GAP_RUN, []), tag)
+            print(f"[bench] regime check: {check}", flush=True)
+        if not args.quick and not check["tune"]["valid"] and not args.force:
+            print("[bench] the regime check failed on the tuning split; fix the regime (or --force)", flush=True)
         else:
             run_all([(n, r, s, o) for phase, n, r, s, o in planned if phase == "steps"])
             if not args.only and not args.quick:

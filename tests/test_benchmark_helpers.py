@@ -74,7 +74,9 @@ def test_every_benchmark_recipe_loads(accuracy):
         assert (model.arch, model.backbone, model.fpn_channels) == ("fcos", "mobilenet_v3_small", 32)
 
 
-def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float):
+def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float, tune_gap_ap: float = None):
+    """A protocol run with fake trainings; the gap run scores ``gap_ap`` on val and ``tune_gap_ap`` (default: the
+    same) on the tuning split, the teacher 0.5 on both."""
     calls = []
     ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "fgd_logit_kd": 0.30, "fgd": 0.15, "cwd": 0.22}
 
@@ -82,7 +84,8 @@ def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float):
         calls.append((name, seed, tuple(opts)))
         time_s = 100.0 if name.startswith("baseline") else 150.0
         value = gap_ap if name == accuracy.GAP_RUN else ap.get(name.removeprefix("long_"), 0.12)
-        record = {"run": name, "seed": seed, "AP": value + 0.01 * seed, "AP50": 0.3, "APs": 0.05, "step_s": 0.5,
+        record = {"run": name, "seed": seed, "recipe": recipe, "work_dir": f"work_dirs/{name}",
+                  "AP": value + 0.01 * seed, "AP50": 0.3, "APs": 0.05, "step_s": 0.5,
                   "train_time_s": time_s, "iterations": 600, "iters_per_epoch": 200, "wall_s": time_s}  # fmt: skip
         accuracy._write_json(accuracy.record_path(tag, name, seed), record)
         return record
@@ -91,8 +94,13 @@ def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float):
         return {"AP": 0.5, "checkpoint": f"{tag}.pth", "wall_s": 1.0, "recipe": recipe, "iterations": 3200,
                 "curve": [[2800, 0.495], [3200, 0.5]]}  # fmt: skip
 
+    def fake_tune_ap(record, record_file, recipe, checkpoint, model="model"):
+        record["tune_AP"] = (gap_ap if tune_gap_ap is None else tune_gap_ap) if "seed" in record else 0.5
+        return record["tune_AP"]
+
     monkeypatch.setattr(accuracy, "run_student", fake_run_student)
     monkeypatch.setattr(accuracy, "ensure_teacher", fake_ensure_teacher)
+    monkeypatch.setattr(accuracy, "tune_ap", fake_tune_ap)
     monkeypatch.setattr(accuracy, "ensure_loss_scales", lambda ckpt: None)
     monkeypatch.setattr(accuracy, "measure_cost", lambda *a: None)
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
@@ -137,6 +145,24 @@ def test_an_invalid_regime_stops_after_the_check(accuracy, tmp_path, monkeypatch
     assert {c[0] for c in calls} == {accuracy.GAP_RUN}
     results = json.loads((tmp_path / "accuracy.json").read_text())
     assert not results["regime"]["valid"] and "NOT VALID" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_the_regime_is_judged_on_the_tuning_split(accuracy, tmp_path, monkeypatch):
+    # valid on val (20 AP gap) but only 5 AP on the tuning split: the decision follows the tuning split
+    calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30, tune_gap_ap=0.45)
+    assert {c[0] for c in calls} == {accuracy.GAP_RUN}
+    regime = json.loads((tmp_path / "accuracy.json").read_text())["regime"]
+    assert regime["valid"] and not regime["tune"]["valid"]
+    assert regime["tune"]["gap"] == pytest.approx(0.05) and regime["tune"]["split"] == "tune"
+    assert "tuning split" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_tune_regime_check_reads_the_stored_tuning_ap(accuracy):
+    teacher = {"AP": 0.5, "tune_AP": 0.48, "curve": [[2800, 0.495], [3200, 0.5]]}
+    gap = [{"seed": 0, "AP": 0.3, "tune_AP": 0.30}, {"seed": 1, "AP": 0.3, "tune_AP": 0.34}]
+    check = accuracy.regime_check(teacher, gap, "tune", "tune_AP")
+    assert check["gap"] == pytest.approx(0.48 - 0.32) and check["valid"]
+    assert "gap" not in accuracy.regime_check(teacher, [{"seed": 0, "AP": 0.3}], "tune", "tune_AP")  # not yet scored
 
 
 def test_elapsed_estimate_and_convergence(accuracy):
