@@ -56,6 +56,7 @@ PAIRS: dict[str, dict[str, Any]] = {
         "teacher": {"arch": "faster_rcnn", "backbone": "resnet50", "fpn_channels": 256},
         "student": {"arch": "faster_rcnn", "backbone": "resnet18", "fpn_channels": 64},
         "methods": ["mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "pseudo_label", "roi_kd"],
+        "extra_methods": ["roi_kd_all", "roi_kd_256", "roi_kd_64", "roi_kd_32"],  # with --methods only
     },
 }
 FEATURE_METHODS = {"mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "relation"}
@@ -65,7 +66,14 @@ HEAD_METHODS = {
     "cross_kd": {},
     "roi_kd": {},
     "dkd": {"loss": "dkd"},
+    # roi_kd's max_rois budget (default 128 per image): every sampled ROI, and smaller budgets
+    "roi_kd_all": {"max_rois": None},
+    "roi_kd_256": {"max_rois": 256},
+    "roi_kd_64": {"max_rois": 64},
+    "roi_kd_32": {"max_rois": 32},
 }
+HEAD_LOSS_TYPE = {"dkd": "roi_kd", "roi_kd_all": "roi_kd", "roi_kd_256": "roi_kd", "roi_kd_64": "roi_kd",
+                  "roi_kd_32": "roi_kd"}  # fmt: skip
 
 
 def make_batch(batch: int, size: int, num_classes: int, seed: int = 0):
@@ -137,7 +145,7 @@ def measure(pair: str, method: str, part: str, args: argparse.Namespace) -> dict
     if method in FEATURE_METHODS:
         feature = [LossSpec(method, build_feature_loss(method), 1.0, "all")]
     elif method in HEAD_METHODS:
-        module = HEAD_LOSSES["roi_kd" if method == "dkd" else method](**HEAD_METHODS[method])
+        module = HEAD_LOSSES[HEAD_LOSS_TYPE.get(method, method)](**HEAD_METHODS[method])
         if module.makes_targets:
             module.set_category_map({i: i for i in range(1, args.num_classes)})
             pseudo = module
@@ -242,7 +250,7 @@ def main() -> None:
         methods = args.methods or PAIRS[pair]["methods"]
         base = {part: run_isolated(pair, "none", part, args) for part in ("student",)}
         for method in methods:
-            if method not in PAIRS[pair]["methods"]:
+            if method not in PAIRS[pair]["methods"] + PAIRS[pair].get("extra_methods", []):
                 continue
             m = {part: run_isolated(pair, method, part, args) for part in ("teacher", "distill")}
             m["student"] = base["student"]
