@@ -12,6 +12,10 @@ Protocol (regime v2; see the README's "Results" section and DESIGN.md "Benchmark
   1 AP (converged); the run stops there when the check fails (``--force`` goes on);
 - student: FCOS MobileNetV3-small-FPN32 from scratch, every method with the same schedule (600 steps) and the same
   initialisation (same seed -> same initial weights), 2 seeds, then a third seed for the baseline and the top 3;
+- every run's final weights are also scored on the **tuning split** (``configs/bench/_base_/tune.yaml``): the regime
+  check, the ranking (third seeds, long schedule) and the **derived rows** (the best feature recipe + ``cross_kd``,
+  + ``relation``; the best recipe + the KD schedule; recipes written to ``configs/bench/derived/``) are decided on
+  it, never on the reported val split;
 - **equal wall time**: the baseline trained for as long as the best distilled run (a distillation step costs more);
 - **long schedule**: the student schedule x 4 for the baseline and the 2 best recipes (2 seeds each);
 - cost: params, GFLOPs and CPU latency of teacher and student (``tools/compare.py``, with the best run's student);
@@ -65,7 +69,23 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("logit_kd", "logit_kd.yaml", 2, 1),
     ("fgd_logit_kd", "combo.yaml", 2, 0),  # a combination fixed before any run
     ("cwd_logit_kd", "combo_cwd.yaml", 2, 0),  # the best feature + the best head method of the first regime
+    ("cross_kd", "cross_kd.yaml", 2, 0),  # issue 16
+    ("mse_auto", "mse_auto.yaml", 2, 0),  # weight: auto against mse's one-batch rule
+    ("fgd_auto", "fgd_auto.yaml", 2, 0),
+    ("defeat_auto", "defeat_auto.yaml", 2, 0),
+    ("relation", "relation.yaml", 2, 0),  # issue 15
+    ("ema", "ema.yaml", 2, 0),  # self-distillation, no trained teacher
 ]
+FEATURE_RUNS = ("mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "mse_auto", "fgd_auto", "defeat_auto")
+# Rows built on the best feature / best overall recipe of the first pass, ranked on the TUNING split (never val):
+# (run name, what is added, seeds). Their recipes are written to configs/bench/derived/ when the choice is made.
+DERIVED: list[tuple[str, str, int]] = [
+    ("best_feature_cross_kd", "cross_kd", 2),
+    ("best_feature_relation", "relation", 2),
+    ("best_kd_schedule", "schedule", 2),
+]
+KD_SCHEDULE = {"warmup_iters": 50, "decay": "cosine", "final_ratio": 0.1}  # fixed before any run (RTMDet/YOLOv6 style)
+DERIVED_DIR = BENCH_CFG / "derived"
 TAG = {"full": "v2", "quick": "v2quick"}  # run records of the first regime (RetinaNet R50 -> R18) are full_*/quick_*
 TEACHER_RECIPE = "teacher.yaml"
 TOP_K = 3  # the top distilled methods (by mean AP after the first pass) are run with MAX_SEEDS seeds
@@ -166,6 +186,17 @@ def ensure_loss_scales(teacher_ckpt: str) -> None:
 
 
 @functools.cache
+def uses_trained_teacher(path: Path) -> bool:
+    """Whether a distillation recipe's teacher is a trained checkpoint (``mode: frozen``), which accuracy.py points
+    at the cached benchmark teacher; an ``ema`` teacher is built from the student and has none."""
+    sys.path.insert(0, str(REPO))
+    from detkd.config import load_config
+
+    cfg = load_config(path)
+    return cfg.teacher is not None and cfg.teacher.mode == "frozen"
+
+
+@functools.cache
 def is_distill_recipe(path: Path) -> bool:
     """Whether a recipe has a teacher. Answered once per recipe, from the main thread (see ``run_all``): the worker
     threads must not import detkd/torchvision for the first time concurrently, or one of them sees a partially
@@ -188,7 +219,7 @@ def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list
     path = BENCH_CFG / recipe
     is_distill = is_distill_recipe(path)
     run_opts = [f"train.seed={seed}", "eval.interval=0", *opts]
-    if is_distill:
+    if is_distill and uses_trained_teacher(path):
         run_opts.append(f"teacher.checkpoint={teacher_ckpt}")
     print(f"[bench] {name} seed {seed}", flush=True)
     wall = run_tool("train_distill.py" if is_distill else "train.py", path, work, run_opts, work / "stdout.log")
@@ -204,13 +235,80 @@ def _mean_time(records: list[dict[str, Any]]) -> float:
 
 def _is_method(name: str) -> bool:
     """A distilled run of the equal-steps comparison (not a baseline, not a long-schedule run)."""
-    return name in {n for n, *_ in RUNS} and not name.startswith("baseline")
+    return name in {n for n, *_ in RUNS} | {n for n, *_ in DERIVED} and not name.startswith("baseline")
 
 
-def ranked_methods(records: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The distilled runs of the equal-steps comparison, best mean AP first."""
-    means = {n: statistics.mean(r["AP"] for r in rs) for n, rs in records.items() if _is_method(n) and rs}
+def ranked_methods(records: dict[str, list[dict[str, Any]]], key: str = "tune_AP", among=None) -> list[str]:
+    """The distilled runs of the equal-steps comparison (or those named in ``among``), best mean ``key`` first:
+    by default their AP on the tuning split, so that every choice the protocol makes (which runs get a third seed,
+    the long schedule, the derived rows) is taken without looking at the reported val split. Runs not yet scored
+    on the tuning split are left out."""
+    means = {
+        n: statistics.mean(r[key] for r in rs)
+        for n, rs in records.items()
+        if _is_method(n) and rs and (among is None or n in among) and all(key in r for r in rs)
+    }
     return sorted(means, key=means.get, reverse=True)
+
+
+def recipe_of(name: str) -> str:
+    """A run's recipe, relative to configs/bench (derived rows: their written recipe)."""
+    return next((r for n, r, *_ in RUNS if n == name), f"derived/{name}.yaml")
+
+
+def final_student_weights(record: dict[str, Any]) -> Path:
+    """The student's weights after the last epoch of a stored run (``last.pth`` of train.py; for a distillation run
+    its ``student.*`` entries, written once to ``student_last.pth``)."""
+    work = REPO / record["work_dir"]
+    if not is_distill_recipe(BENCH_CFG / record["recipe"]):
+        return work / "last.pth"
+    out = work / "student_last.pth"
+    if not out.is_file():
+        from detkd.engine.checkpoint import load_checkpoint, save_checkpoint
+
+        state = load_checkpoint(work / "last.pth")["model"]
+        save_checkpoint({"model": {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}}, out)
+    return out
+
+
+def score_on_tune(records: dict[str, list[dict[str, Any]]], tag: str) -> None:
+    """Score every stored equal-steps run (baseline and methods) on the tuning split, once each."""
+    for name, rs in records.items():
+        if name != "baseline" and not _is_method(name):
+            continue
+        for r in rs:
+            if "tune_AP" not in r and "work_dir" in r:
+                model = "student" if is_distill_recipe(BENCH_CFG / r["recipe"]) else "model"
+                tune_ap(r, record_path(tag, name, r["seed"]), r["recipe"], final_student_weights(r), model)
+
+
+def write_derived_recipe(name: str, addition: str, base: str) -> str:
+    """Write ``configs/bench/derived/<name>.yaml``: recipe ``base`` plus ``addition`` (a head or feature loss, or the
+    KD schedule); returns its path relative to configs/bench."""
+    sys.path.insert(0, str(REPO))
+    import yaml
+
+    from detkd.config import load_config
+
+    cfg = load_config(BENCH_CFG / base)
+    features = [{"type": f.type, "weight": f.weight, "levels": list(f.levels) if f.levels != "all" else "all",
+                 **({"target_ratio": f.target_ratio} if f.weight == "auto" else {}), **f.params}
+                for f in cfg.distill.features]  # fmt: skip
+    head = [{"type": h.type, "weight": h.weight, **h.params} for h in cfg.distill.head]
+    distill: dict[str, Any] = {}
+    if addition == "cross_kd":
+        head.append({"type": "cross_kd", "temperature": 1.0, "cls_loss": "kd", "conf_thr": 0.5, "box_weight": 1.0})
+    elif addition == "relation":
+        features.append({"type": "relation", "weight": 1.0, "levels": ["p3", "p4", "p5"], "output_size": 7})
+    elif addition == "schedule":
+        distill["schedule"] = dict(KD_SCHEDULE)
+    distill.update(features=features, head=head)
+    text = (f"# Written by benchmarks/accuracy.py: {base} (the best {'feature ' if addition != 'schedule' else ''}"
+            f"recipe of the first pass, ranked on the tuning split) + {addition}.\n")  # fmt: skip
+    text += yaml.safe_dump({"_base_": ["../_base_/pair.yaml"], "distill": distill}, sort_keys=False)
+    DERIVED_DIR.mkdir(parents=True, exist_ok=True)
+    (DERIVED_DIR / f"{name}.yaml").write_text(text)
+    return f"derived/{name}.yaml"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -445,6 +543,7 @@ def main() -> None:
         methods = [n for n, *_ in RUNS if n != "baseline"]
         plan = [(teacher_cfg.train.epochs * 200, False)] * GAP_SEEDS
         plan += [(steps, False)] * MAX_SEEDS + [(steps, True)] * (2 * len(methods) + TOP_K)
+        plan += [(steps, True)] * sum(seeds for *_, seeds in DERIVED)
         plan += [(round(steps * 1.6), False)] * WALL_TIME_SEEDS  # a distillation step costs ~1.6 student steps
         plan += [(LONG_FACTOR * steps, False)] * LONG_SEEDS + [(LONG_FACTOR * steps, True)] * LONG_SEEDS * LONG_TOP
         return plan
@@ -476,6 +575,7 @@ def main() -> None:
         batch = [b for b in batch if not any(r["seed"] == b[2] for r in records.get(b[0], []))]
         for recipe in {r for _, r, _, _ in batch}:  # imports and config checks in this thread, before the workers
             is_distill_recipe(BENCH_CFG / recipe)
+            uses_trained_teacher(BENCH_CFG / recipe)
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(run_student, n, r, s, teacher["checkpoint"], o, tag) for n, r, s, o in batch]
             for (name, _, seed, _), future in zip(batch, futures):
@@ -484,6 +584,8 @@ def main() -> None:
                 except RuntimeError as err:  # one failed run must not throw away the others' hours
                     failures.append(f"{name} seed {seed}: {err}")
                     print(f"[bench] FAILED {name} seed {seed}: {err}", flush=True)
+        if not args.quick:  # every choice after this batch is taken on the tuning split
+            score_on_tune(records, tag)
 
     check = regime_check(teacher, records.get(GAP_RUN, []))
     check["tune"] = regime_check(teacher, records.get(GAP_RUN, []), "tune", "tune_AP")  # from stored evaluations
@@ -499,6 +601,17 @@ def main() -> None:
             run_all([(n, r, s, o) for phase, n, r, s, o in planned if phase == "steps"])
             if not args.only and not args.quick:
                 recipes = {name: recipe for name, recipe, _, _ in RUNS}
+                derived = []
+                best_feature = next(iter(ranked_methods(records, among=FEATURE_RUNS)), None)
+                # the schedule row needs a recipe with a trained teacher (not the EMA self-distillation row)
+                best_any = next(iter(ranked_methods(records, among=[n for n, *_ in RUNS if n != "ema"])), None)
+                for name, addition, seeds in DERIVED:
+                    base = best_any if addition == "schedule" else best_feature
+                    if base is not None:
+                        recipe = write_derived_recipe(name, addition, recipes[base])
+                        derived += [(name, recipe, s, opts) for s in range(seeds)]
+                run_all(derived)
+                recipes.update({n: r for n, r, _, _ in derived})
                 top = ranked_methods(records)[:TOP_K]
                 run_all([(n, recipes[n], s, opts) for n in top for s in range(MAX_SEEDS)])
                 ranked = ranked_methods(records)
@@ -510,7 +623,7 @@ def main() -> None:
                     long = long_opts(opts, student_epochs)
                     run_all([(long_name(n), recipes[n], s, long) for n in ["baseline", *ranked[:LONG_TOP]]
                              for s in range(LONG_SEEDS)])  # fmt: skip
-    order = [GAP_RUN] + [name for name, *_ in RUNS]
+    order = [GAP_RUN] + [name for name, *_ in RUNS] + [name for name, *_ in DERIVED]
     names = sorted(records, key=lambda n: order.index(n) if n in order else len(order) + n.startswith("long_"))
     records = {n: sorted(records[n], key=lambda r: r["seed"]) for n in names if records[n]}
 
@@ -524,7 +637,7 @@ def main() -> None:
     if ranked and not args.quick:
         best_work = REPO / records[ranked[0]][0]["work_dir"] if "work_dir" in records[ranked[0]][0] else None
         ckpt = best_work / "student_best.pth" if best_work else None
-        recipe = next(r for n, r, *_ in RUNS if n == ranked[0])
+        recipe = recipe_of(ranked[0])
         cost = measure_cost(recipe, str(ckpt) if ckpt and ckpt.is_file() else None, teacher["checkpoint"], tag)
     student_s = sum(r["wall_s"] for rs in records.values() for r in rs)
     results = {

@@ -95,12 +95,19 @@ def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float, tune_gap_ap: flo
                 "curve": [[2800, 0.495], [3200, 0.5]]}  # fmt: skip
 
     def fake_tune_ap(record, record_file, recipe, checkpoint, model="model"):
-        record["tune_AP"] = (gap_ap if tune_gap_ap is None else tune_gap_ap) if "seed" in record else 0.5
+        if record.get("run") == accuracy.GAP_RUN:
+            record["tune_AP"] = gap_ap if tune_gap_ap is None else tune_gap_ap
+        else:  # the teacher 0.5; a student run scores its val AP
+            record["tune_AP"] = record["AP"] if "seed" in record else 0.5
         return record["tune_AP"]
 
     monkeypatch.setattr(accuracy, "run_student", fake_run_student)
     monkeypatch.setattr(accuracy, "ensure_teacher", fake_ensure_teacher)
     monkeypatch.setattr(accuracy, "tune_ap", fake_tune_ap)
+    monkeypatch.setattr(accuracy, "final_student_weights", lambda record: tmp_path / "weights.pth")
+    monkeypatch.setattr(accuracy, "DERIVED_DIR", tmp_path / "derived")
+    monkeypatch.setattr(accuracy, "is_distill_recipe", lambda path: path.name != "student.yaml")
+    monkeypatch.setattr(accuracy, "uses_trained_teacher", lambda path: path.name != "ema.yaml")
     monkeypatch.setattr(accuracy, "ensure_loss_scales", lambda ckpt: None)
     monkeypatch.setattr(accuracy, "measure_cost", lambda *a: None)
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
@@ -119,6 +126,16 @@ def test_protocol_order_regime_check_seeds_top_methods_wall_time_and_long_schedu
     assert [seed for _, seed, _ in first] == [0] * len(accuracy.RUNS) + [1] * len(accuracy.RUNS)
     third = {name for name, seed, _ in calls if seed == 2}
     assert third == {"baseline", "fgd_logit_kd", "logit_kd", "cwd"}  # the baseline and the top 3
+    # 2b. the derived rows, built on the best feature recipe / the best recipe on the tuning split, 2 seeds each
+    derived = [c[:2] for c in calls if c[0].startswith("best_")]
+    assert sorted(derived) == sorted((n, s) for n, _, _ in accuracy.DERIVED for s in range(2))
+    cross = yaml.safe_load((tmp_path / "derived" / "best_feature_cross_kd.yaml").read_text())
+    assert [f["type"] for f in cross["distill"]["features"]] == ["cwd"]  # cwd is the best feature run (0.22)
+    assert [h["type"] for h in cross["distill"]["head"]] == ["cross_kd"]
+    sched = yaml.safe_load((tmp_path / "derived" / "best_kd_schedule.yaml").read_text())
+    assert sched["distill"]["schedule"] == accuracy.KD_SCHEDULE  # on fgd + logit_kd, the best run
+    assert [f["type"] for f in sched["distill"]["features"]] == ["fgd"]
+    assert [h["type"] for h in sched["distill"]["head"]] == ["logit_kd"]
     # 3. equal wall time: the best run's time (150 s vs 100 s per run -> 1.5 x the 600 steps)
     wall = [c for c in calls if c[0].startswith("baseline_same_wall_time")]
     assert [c[0] for c in wall] == ["baseline_same_wall_time_as_fgd_logit_kd"] * 2
