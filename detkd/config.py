@@ -106,14 +106,26 @@ class ModelCfg(DetectorSpec):
 class TeacherCfg(ModelCfg):
     """The teacher. ``train_if_missing`` names a recipe that trains it (into the folder of ``checkpoint``, which
     must then be named ``best.pth``) when ``checkpoint`` does not exist; ``train_opts`` are ``--opts`` overrides for
-    that recipe. ``mode``: ``frozen`` (a trained teacher, never updated) or ``ema`` (self-distillation: the teacher
+    that recipe. ``mode``: ``frozen`` (a trained teacher, never updated), ``ema`` (self-distillation: the teacher
     is an exponential moving average of the student, ``t <- momentum * t + (1 - momentum) * s`` after every step;
-    same architecture as the student, no checkpoint)."""
+    same architecture as the student, no checkpoint) or ``online`` (the teacher trains with the student on the
+    ground truth, at ``lr_mult`` x the learning rate; from ``checkpoint`` or from scratch)."""
 
     train_if_missing: Optional[str] = None
     train_opts: tuple[str, ...] = ()
-    mode: Literal["frozen", "ema"] = "frozen"
+    mode: Literal["frozen", "ema", "online"] = "frozen"
     momentum: float = 0.999
+    lr_mult: float = 1.0
+
+
+@dataclass(frozen=True)
+class NamedTeacherCfg(TeacherCfg):
+    """One entry of ``teachers:`` (several teachers): the keys of ``teacher:`` plus its ``name`` (letters, digits,
+    ``_``, ``-``; it names the log terms ``distill/<loss>/<name>/<level>``) and its ``weight`` (normalised over the
+    teachers)."""
+
+    name: str = field(kw_only=True)
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -128,12 +140,14 @@ class LossCfg:
     """One distillation loss: registered ``type``, its ``weight``, the FPN ``levels`` it applies to, its params.
 
     ``weight: auto`` calibrates the weight over the first ``distill.calibration_iters`` iterations so that the term
-    equals ``target_ratio`` x the detection (task) loss (see ``detkd.losses.scaling``)."""
+    equals ``target_ratio`` x the detection (task) loss (see ``detkd.losses.scaling``). ``teachers``: the names of
+    the teachers the loss is computed against (default: every teacher; the ``teacher:`` shorthand's is ``teacher``)."""
 
     type: str
     weight: Union[float, Literal["auto"]] = 1.0
     target_ratio: float = 1.0
     levels: Union[str, tuple[str, ...]] = "all"
+    teachers: Optional[tuple[str, ...]] = None
     params: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -160,12 +174,41 @@ class KDScheduleCfg:
 
 
 @dataclass(frozen=True)
+class TeacherWeightingCfg:
+    """How several teachers combine (``detkd.teachers.weighting``). ``fixed``: the teachers' weights;
+    ``confidence``: per image, a softmax at ``temperature`` of minus each teacher's detection loss on the image;
+    ``adaptive``: an EXP3 bandit picks the teachers the student follows for ``interval`` steps at a time, rewarded
+    by the improvement of the student's detection loss on ``holdout_images`` training images held out of training
+    (``gamma``: exploration; ``reward_scale``: the relative improvement that earns the full reward)."""
+
+    mode: Literal["fixed", "confidence", "adaptive"] = "fixed"
+    temperature: float = 1.0
+    interval: int = 20
+    holdout_images: int = 8
+    gamma: float = 0.1
+    reward_scale: float = 0.05
+
+
+@dataclass(frozen=True)
+class PseudoFusionCfg:
+    """Pseudo labels of several teachers: ``wbf`` (weighted box fusion) or class-wise ``nms`` across the teachers, at
+    ``iou`` (``detkd.teachers.fusion``)."""
+
+    method: Literal["wbf", "nms"] = "wbf"
+    iou: float = 0.55
+
+
+@dataclass(frozen=True)
 class DistillCfg:
     features: tuple[LossCfg, ...] = ()
     head: tuple[LossCfg, ...] = ()
     teacher_check: TeacherCheckCfg = TeacherCheckCfg()
     schedule: Optional[KDScheduleCfg] = None
     calibration_iters: int = 50  # iterations over which `weight: auto` terms are calibrated
+    teacher_weighting: TeacherWeightingCfg = TeacherWeightingCfg()
+    pseudo_label_fusion: PseudoFusionCfg = PseudoFusionCfg()
+    # deep mutual learning: the distillation terms train the online teachers too (otherwise only their task loss)
+    mutual: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +283,7 @@ class Config:
     data: DataCfg
     model: Optional[ModelCfg] = None
     teacher: Optional[TeacherCfg] = None
+    teachers: tuple[NamedTeacherCfg, ...] = ()  # several teachers; `teacher` is the one-teacher shorthand
     student: Optional[StudentCfg] = None
     distill: Optional[DistillCfg] = None
     train: TrainCfg = TrainCfg()
@@ -361,6 +405,7 @@ def load_config(path: Union[str, os.PathLike], opts: Optional[list[str]] = None)
     ctx = _Context(origins, str(path.resolve()))
     cfg = _convert(Config, data, "", ctx)
     _check_detectors(cfg, ctx)
+    _check_teachers(cfg, ctx)
     _check_transforms(cfg, ctx)
     _check_val_transforms(cfg, ctx)
     return cfg
@@ -368,7 +413,24 @@ def load_config(path: Union[str, os.PathLike], opts: Optional[list[str]] = None)
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate an already-resolved mapping (e.g. the one stored in a checkpoint)."""
-    return _convert(Config, dict(data), "", _Context({}, source))
+    ctx = _Context({}, source)
+    cfg = _convert(Config, dict(data), "", ctx)
+    _check_teachers(cfg, ctx)
+    return cfg
+
+
+SHORTHAND_TEACHER = "teacher"
+"""The name of the one teacher of the ``teacher:`` shorthand."""
+
+
+def teacher_entries(cfg: Config) -> list[tuple[str, str, TeacherCfg, float]]:
+    """``(name, dotted key, teacher config, weight)`` of every teacher: the entries of ``teachers:``, or the one
+    ``teacher:`` (named ``teacher``, weight 1); empty when the recipe has neither."""
+    if cfg.teachers:
+        return [(t.name, f"teachers.{i}", t, t.weight) for i, t in enumerate(cfg.teachers)]
+    if cfg.teacher is not None:
+        return [(SHORTHAND_TEACHER, "teacher", cfg.teacher, 1.0)]
+    return []
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -570,8 +632,9 @@ def _check_detectors(cfg: Config, ctx: _Context) -> None:
     """Arch and backbone names must be registered (the registry lives with the builders)."""
     from detkd.models.build import BACKBONES, DETECTORS
 
-    for key in ("model", "teacher", "student"):
-        model = getattr(cfg, key)
+    models = [(key, getattr(cfg, key)) for key in ("model", "teacher", "student")]
+    models += [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers)]
+    for key, model in models:
         if model is None:
             continue
         if model.arch not in DETECTORS:
@@ -579,26 +642,103 @@ def _check_detectors(cfg: Config, ctx: _Context) -> None:
         if model.backbone not in BACKBONES:
             valid = ", ".join(sorted(BACKBONES))
             raise ctx.error(f"{key}.backbone", f"unknown backbone '{model.backbone}'; valid: {valid}.")
-    _check_ema_teacher(cfg, ctx)
+    for key, teacher in [("teacher", cfg.teacher)] + [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers)]:
+        _check_ema_teacher(teacher, cfg.student, key, ctx)
 
 
-def _check_ema_teacher(cfg: Config, ctx: _Context) -> None:
+def _check_ema_teacher(teacher: Optional[TeacherCfg], student: Optional[StudentCfg], key: str, ctx: _Context) -> None:
     """An EMA teacher is an average of the student: the same detector, and nothing to load."""
-    teacher, student = cfg.teacher, cfg.student
     if teacher is None or teacher.mode != "ema" or student is None:
         return
     for name in ("arch", "backbone", "fpn_channels", "min_size", "max_size", "anchor_sizes", "norm"):
         if getattr(teacher, name) != getattr(student, name):
             raise ctx.error(
-                f"teacher.{name}",
+                f"{key}.{name}",
                 f"is {getattr(teacher, name)!r} but the student's is {getattr(student, name)!r}; a teacher with mode "
                 f"'ema' is an average of the student and must be the same detector.",
             )
     for name in ("checkpoint", "weights", "train_if_missing"):
         if getattr(teacher, name) is not None:
             raise ctx.error(
-                f"teacher.{name}", "is set, but a teacher with mode 'ema' starts as a copy of the student: remove it."
+                f"{key}.{name}", "is set, but a teacher with mode 'ema' starts as a copy of the student: remove it."
             )
+
+
+_TEACHER_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+MAX_ADAPTIVE_TEACHERS = 8  # the adaptive bandit has 2^K - 1 arms (detkd.teachers.weighting)
+
+
+def _check_teachers(cfg: Config, ctx: _Context) -> None:
+    """``teacher`` xor ``teachers``; unique, well-formed names; losses naming known teachers; weighting modes and
+    mutual learning that the teachers can serve."""
+    if cfg.teacher is not None and cfg.teachers:
+        raise ctx.error(
+            "teachers",
+            "is given together with 'teacher'. 'teacher:' is the one-teacher shorthand of 'teachers:'; give one of "
+            "them (to use several teachers, move the 'teacher:' entry into the 'teachers:' list with a name and a "
+            "weight).",
+        )
+    seen: dict[str, int] = {}
+    for i, t in enumerate(cfg.teachers):
+        if not t.name or set(t.name) - _TEACHER_NAME_CHARS:
+            raise ctx.error(
+                f"teachers.{i}.name",
+                f"must be letters, digits, '_' or '-' (it names the log terms distill/<loss>/<name>/...), got "
+                f"{t.name!r}.",
+            )
+        if t.name in seen:
+            raise ctx.error(
+                f"teachers.{i}.name",
+                f"'{t.name}' is also the name of teachers.{seen[t.name]}; every teacher needs its own name.",
+            )
+        seen[t.name] = i
+    entries = teacher_entries(cfg)
+    names = [name for name, _, _, _ in entries]
+    if entries and sum(w for _, _, _, w in entries) <= 0:
+        raise ctx.error("teachers", "the teachers' weights sum to 0; give at least one teacher a weight > 0.")
+    distill = cfg.distill
+    if distill is None:
+        return
+    for section in ("features", "head"):
+        for i, loss in enumerate(getattr(distill, section)):
+            if loss.teachers is None:
+                continue
+            key = f"distill.{section}.{i}.teachers"
+            if not loss.teachers:
+                raise ctx.error(key, f"is empty; name at least one of the teachers ({', '.join(names)}) or remove it.")
+            unknown = [n for n in loss.teachers if n not in names]
+            if unknown:
+                raise ctx.error(
+                    key,
+                    f"names {', '.join(repr(n) for n in unknown)}, which is no teacher of this recipe; the teachers "
+                    f"are: {', '.join(names) or 'none'}.",
+                )
+    mode = distill.teacher_weighting.mode
+    if mode != "fixed" and len(entries) < 2:
+        raise ctx.error(
+            "distill.teacher_weighting.mode",
+            f"is '{mode}', which combines several teachers, but the recipe has {len(entries)}; list them under "
+            f"'teachers:' or use 'fixed'.",
+        )
+    if mode == "adaptive" and len(entries) > MAX_ADAPTIVE_TEACHERS:
+        raise ctx.error(
+            "distill.teacher_weighting.mode",
+            f"'adaptive' tries every subset of the teachers and takes at most {MAX_ADAPTIVE_TEACHERS}; the recipe "
+            f"has {len(entries)}.",
+        )
+    online = [key for _, key, t, _ in entries if t.mode == "online"]
+    if distill.mutual and not online:
+        raise ctx.error(
+            "distill.mutual",
+            "is true, but no teacher has mode 'online'; deep mutual learning trains a teacher with the student "
+            "(set the teacher's mode: online), a frozen or EMA teacher cannot learn.",
+        )
+    if online and cfg.data.unlabeled is not None:
+        raise ctx.error(
+            f"{online[0]}.mode",
+            "is 'online', but data.unlabeled is set: an online teacher trains on the ground truth, which unlabelled "
+            "images do not have.",
+        )
 
 
 def _check_transforms(cfg: Config, ctx: _Context) -> None:
@@ -685,6 +825,14 @@ RANGES: dict[tuple[str, str], Range] = {
     ("KDScheduleCfg", "stop_at"): Range(0, 1, lo_open=True),
     ("DistillCfg", "calibration_iters"): _at_least(1),
     ("TeacherCfg", "momentum"): Range(0, 1, hi_open=True),
+    ("TeacherCfg", "lr_mult"): _POSITIVE,
+    ("NamedTeacherCfg", "weight"): _NON_NEGATIVE,
+    ("TeacherWeightingCfg", "temperature"): _POSITIVE,
+    ("TeacherWeightingCfg", "interval"): _at_least(1),
+    ("TeacherWeightingCfg", "holdout_images"): _at_least(1),
+    ("TeacherWeightingCfg", "gamma"): Range(0, 1, lo_open=True),
+    ("TeacherWeightingCfg", "reward_scale"): _POSITIVE,
+    ("PseudoFusionCfg", "iou"): _UNIT,
     ("TeacherCheckCfg", "num_images"): _at_least(1),
     ("TeacherCheckCfg", "min_ap"): _UNIT,
     ("OptimizerCfg", "lr"): _POSITIVE,
@@ -733,14 +881,21 @@ def describe_ranges() -> list[tuple[str, str]]:
     """``(dotted key, range)`` for every range-checked field (the README's table), in schema order."""
     sections = {
         "data.unlabeled": UnlabeledCfg, "data.synthetic": SyntheticCfg, "data.transforms": TransformsCfg,
-        "data": DataCfg, "model / teacher / student": ModelCfg, "distill.features[] / distill.head[]": LossCfg,
-        "distill.teacher_check": TeacherCheckCfg, "distill.schedule": KDScheduleCfg, "distill": DistillCfg,
-        "train.optimizer": OptimizerCfg, "train.schedule": ScheduleCfg,
+        "data": DataCfg, "model / teacher / student": ModelCfg, "teacher / teachers[]": TeacherCfg,
+        "teachers[]": NamedTeacherCfg, "distill.features[] / distill.head[]": LossCfg,
+        "distill.teacher_check": TeacherCheckCfg, "distill.schedule": KDScheduleCfg,
+        "distill.teacher_weighting": TeacherWeightingCfg, "distill.pseudo_label_fusion": PseudoFusionCfg,
+        "distill": DistillCfg, "train.optimizer": OptimizerCfg, "train.schedule": ScheduleCfg,
         "train": TrainCfg, "eval": EvalCfg, "checkpoint": CheckpointCfg, "log": LogCfg, "report": ReportCfg,
     }  # fmt: skip
     rows = []
     for prefix, cls in sections.items():
+        # a field a listed base class already has is in that base's rows (TeacherCfg's fpn_channels is ModelCfg's)
+        inherited = {f.name for base in sections.values() if base is not cls and issubclass(cls, base)
+                     for f in dataclasses.fields(base)}  # fmt: skip
         for f in dataclasses.fields(cls):
+            if f.name in inherited:
+                continue
             valid = _range_of(cls, f.name)
             if valid is not None:
                 rows.append((f"{prefix}.{f.name}", str(valid)))

@@ -344,21 +344,31 @@ def evaluate_detector_checkpoint(
 
 
 def ensure_teacher(cfg: Config, show_progress: bool = True) -> Optional[dict[str, Any]]:
-    """Train the teacher with ``teacher.train_if_missing`` when ``teacher.checkpoint`` does not exist yet."""
+    """Train each teacher with its ``train_if_missing`` when its ``checkpoint`` does not exist yet; returns the
+    summary of the first teacher trained (None when every checkpoint existed)."""
+    from detkd.config import teacher_entries
+
+    first = None
+    for _, key, teacher, _ in teacher_entries(cfg):
+        summary = _ensure_one_teacher(teacher, key, show_progress)
+        first = first or summary
+    return first
+
+
+def _ensure_one_teacher(teacher, key: str, show_progress: bool) -> Optional[dict[str, Any]]:
     from detkd.config import load_config
 
-    teacher = cfg.teacher
-    if teacher is None or teacher.checkpoint is None or Path(teacher.checkpoint).is_file():
+    if teacher.checkpoint is None or Path(teacher.checkpoint).is_file():
         return None
     if teacher.train_if_missing is None:
         raise CheckpointNotFoundError(
             f"teacher checkpoint {teacher.checkpoint} does not exist; train it with tools/train.py, or set "
-            f"teacher.train_if_missing to the recipe that trains it."
+            f"{key}.train_if_missing to the recipe that trains it."
         )
     ckpt = Path(teacher.checkpoint)
     if ckpt.name != "best.pth":
         raise ConfigError(
-            f"teacher.train_if_missing trains into the folder of teacher.checkpoint and writes best.pth there; "
+            f"{key}.train_if_missing trains into the folder of {key}.checkpoint and writes best.pth there; "
             f"name the checkpoint <folder>/best.pth (got {ckpt})."
         )
     teacher_cfg = load_config(teacher.train_if_missing, list(teacher.train_opts))
@@ -369,7 +379,7 @@ def ensure_teacher(cfg: Config, show_progress: bool = True) -> Optional[dict[str
         teacher.fpn_channels,
     ):
         raise ConfigError(
-            f"teacher.train_if_missing={teacher.train_if_missing} trains "
+            f"{key}.train_if_missing={teacher.train_if_missing} trains "
             f"{None if model is None else (model.arch, model.backbone, model.fpn_channels)}, but the recipe's "
             f"teacher is {(teacher.arch, teacher.backbone, teacher.fpn_channels)}; they must describe one detector."
         )
@@ -404,24 +414,89 @@ def make_mixed_loader(cfg: Config, train_set: CocoDetection):
 
 
 def check_teacher(
-    cfg: Config, teacher: torch.nn.Module, val_set: CocoDetection, device: torch.device, show: bool
+    cfg: Config,
+    teacher: torch.nn.Module,
+    val_set: CocoDetection,
+    device: torch.device,
+    show: bool,
+    key: str = "teacher",
+    teacher_cfg: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate the teacher before distilling; stop when its AP is near zero (a teacher that failed to load)."""
+    """Evaluate a teacher before distilling; stop when its AP is near zero (a teacher that failed to load).
+    ``key``/``teacher_cfg``: which teacher of the recipe it is (``teacher``, or ``teachers.<i>``)."""
+    teacher_cfg = teacher_cfg or cfg.teacher
     check = cfg.distill.teacher_check if cfg.distill is not None else None
     num = (check.num_images if check is not None else None) or cfg.eval.max_images
     loader = build_eval_loader(val_set, cfg.eval.batch_size or cfg.data.batch_size, cfg.data.num_workers, num)
     teacher.to(device)
+    was_training = teacher.training
     metrics = evaluate(teacher, loader, val_set, device, progress=show)
+    teacher.train(was_training)  # an online teacher goes back to training
     if show:
-        print(format_metrics_table(metrics, title=f"teacher ({cfg.teacher.arch}-{cfg.teacher.backbone}) on val"))
+        name = "teacher" if key == "teacher" else f"teacher '{getattr(teacher_cfg, 'name', key)}'"
+        print(format_metrics_table(metrics, title=f"{name} ({teacher_cfg.arch}-{teacher_cfg.backbone}) on val"))
     if check is not None and check.enabled and metrics["AP"] < check.min_ap:
         raise RunError(
-            f"the teacher scores AP {metrics['AP']:.4f} on {len(loader.dataset)} val images, below "
-            f"distill.teacher_check.min_ap={check.min_ap}: it probably did not load (teacher.checkpoint="
-            f"{cfg.teacher.checkpoint}) or was trained on other classes. Fix the teacher, or set "
+            f"the teacher {key} scores AP {metrics['AP']:.4f} on {len(loader.dataset)} val images, below "
+            f"distill.teacher_check.min_ap={check.min_ap}: it probably did not load ({key}.checkpoint="
+            f"{teacher_cfg.checkpoint}) or was trained on other classes. Fix the teacher, or set "
             f"distill.teacher_check.enabled=false to distil anyway."
         )
     return metrics
+
+
+def check_teachers(
+    cfg: Config, distiller: torch.nn.Module, val_set: CocoDetection, device: torch.device, show: bool, out: Path
+) -> dict[str, dict[str, Any]]:
+    """The sanity check of every teacher that starts trained (frozen ones, and online ones from a checkpoint; an
+    EMA teacher starts as the untrained student, by design): ``{name: val metrics}``. Each is written to
+    ``teacher_val_<name>.json`` with several teachers; ``teacher_val.json`` (read by tools/diagnose.py) holds the
+    one teacher's, or the strongest teacher's."""
+    from detkd.config import teacher_entries
+
+    results: dict[str, dict[str, Any]] = {}
+    for slot, (name, key, t_cfg, _) in zip(distiller.slots, teacher_entries(cfg)):
+        if t_cfg.mode == "ema" or (t_cfg.mode == "online" and t_cfg.checkpoint is None and t_cfg.weights is None):
+            continue
+        results[name] = check_teacher(cfg, slot.model, val_set, device, show, key, t_cfg)
+        if cfg.teachers:
+            save_metrics(results[name], out / f"teacher_val_{name}.json")
+    if results:
+        best = max(results.values(), key=lambda m: m["AP"])
+        save_metrics(best, out / "teacher_val.json")
+    return results
+
+
+def holdout_split(cfg: Config, train_set: CocoDetection) -> tuple[list[int], list[int]]:
+    """``(training indices, held-out indices)``: the adaptive teacher weighting's held-out slice of the training set
+    (``distill.teacher_weighting.holdout_images`` images drawn with ``train.seed``), which is not trained on."""
+    num = cfg.distill.teacher_weighting.holdout_images
+    if num >= len(train_set):
+        raise ConfigError(
+            f"recipe '{cfg.name}': distill.teacher_weighting.holdout_images={num} would hold out the whole training "
+            f"set of {len(train_set)} images; hold out fewer."
+        )
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    held = sorted(order[:num])
+    kept = set(held)
+    return [i for i in range(len(train_set)) if i not in kept], held
+
+
+class BanditLog:
+    """A trainer callback: appends each round of the adaptive teacher policy (held-out loss, reward of the round
+    that ended, the arm drawn, its teachers, the probabilities) to ``<work_dir>/teacher_bandit.jsonl``."""
+
+    def __init__(self, distiller: torch.nn.Module, out_file: Path) -> None:
+        self.distiller, self.out_file = distiller, Path(out_file)
+
+    def __call__(self, trainer, iteration: int, values) -> None:
+        events, self.distiller.bandit_events[:] = list(self.distiller.bandit_events), []
+        if not events:
+            return
+        self.out_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out_file, "a", encoding="utf-8") as f:
+            for event in events:
+                f.write(json.dumps({"iteration": iteration, **event}) + "\n")
 
 
 def train_distill(
@@ -449,22 +524,31 @@ def train_distill(
             f"be learned from the teacher's pseudo labels; add {{type: pseudo_label}} under distill.head."
         )
     show = show_progress and is_main_process()
-    teacher_metrics = {}
-    if is_main_process() and cfg.teacher.mode == "frozen":  # an EMA teacher starts untrained, by design
-        teacher_metrics = check_teacher(cfg, distiller.teacher, val_set, device, show)
-        save_metrics(teacher_metrics, out / "teacher_val.json")  # read by tools/diagnose.py
+    teachers_metrics: dict[str, dict[str, Any]] = {}
+    if is_main_process():
+        teachers_metrics = check_teachers(cfg, distiller, val_set, device, show, out)
+    first = distiller.slots[0].name
+    teacher_metrics = teachers_metrics.get(first, next(iter(teachers_metrics.values()), {}))
     barrier()
+    loader_set = train_set
+    if distiller.teacher_policy is not None:  # adaptive weighting: a fixed held-out slice of the training set
+        kept, held = holdout_split(cfg, train_set)
+        holdout = collate_detection([train_set[i] for i in held])
+        distiller.set_holdout(*holdout)
+        loader_set = torch.utils.data.Subset(train_set, kept)
     if cfg.data.unlabeled is not None:
         loader = make_mixed_loader(cfg, train_set)
     else:
         loader = make_train_loader(
-            train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection
+            loader_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, collate_detection
         )
     callbacks = []
     if cfg.log.mask_images_every and is_main_process():
         from detkd.mask_panels import MaskImageCallback  # pure torch (no matplotlib)
 
         callbacks.append(MaskImageCallback.from_dataset(distiller, val_set, every=cfg.log.mask_images_every))
+    if distiller.teacher_policy is not None and is_main_process():
+        callbacks.append(BanditLog(distiller, out / "teacher_bandit.jsonl"))
     if distiller.scaler.names and is_main_process():
         from detkd.losses.scaling import AutoWeightReport
 
@@ -496,6 +580,7 @@ def train_distill(
         "student_metrics": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("val/")},
         "teacher_ap": teacher_metrics.get("AP", float("nan")),
         "teacher_metrics": teacher_metrics,
+        "teachers_metrics": teachers_metrics,
         "best_ap": state.best_ap,
         "best_epoch": state.best_epoch,
         "best_checkpoint": str(out / "student_best.pth"),
@@ -574,10 +659,16 @@ def train_baseline_student(
 def measure_run_costs(cfg: Config, summary: dict[str, Any], image: torch.Tensor) -> list:
     """Cost rows (:class:`detkd.cost.ModelCost`) of the teacher, the baseline student (when trained) and the
     distilled student, with their val metrics; latency on ``image`` with :data:`LATENCY_THREADS` thread(s)."""
+    from detkd.config import teacher_entries
     from detkd.cost import measure_cost
 
     distiller = summary["distiller"]
-    models = [("teacher", unwrap(distiller.teacher), summary["teacher_metrics"], cfg.teacher)]
+    named = bool(cfg.teachers)
+    models = [
+        ("teacher" if not named else f"teacher {name}", unwrap(slot.model), summary["teachers_metrics"].get(name, {}),
+         t_cfg)
+        for slot, (name, _, t_cfg, _) in zip(distiller.slots, teacher_entries(cfg))
+    ]  # fmt: skip
     if summary.get("baseline") is not None:
         base = summary["baseline"]
         models.append(("student (baseline)", unwrap(base["model"]), base["metrics"], cfg.student))
@@ -597,12 +688,13 @@ def format_final_table(summary: dict[str, Any]) -> str:
     from detkd.cost import format_cost_table, headline
 
     rows = summary["cost"]
-    times = {"teacher": summary.get("teacher_train_s"), "student (distilled)": summary["wall_time_s"]}
+    times = {rows[0].name: summary.get("teacher_train_s"), "student (distilled)": summary["wall_time_s"]}
     if summary.get("baseline") is not None:
         times["student (baseline)"] = summary["baseline"]["wall_time_s"]
     wall = ["(given)" if times.get(r.name) is None else f"{times[r.name] / 60:.1f} min" for r in rows]
     lines = [format_cost_table(rows, extra=[("train time", wall), ("detector", [r.arch for r in rows])]), ""]
-    teacher, students = rows[0], rows[1:]
+    teacher = rows[0]  # with several teachers, the headline compares with the first
+    students = [r for r in rows if r.name.startswith("student")]
     for row in students[::-1]:  # the distilled student first
         lines.append(f"{row.name}: {headline(teacher, row)}")
     if len(students) == 2 and students[0].ap is not None and students[1].ap is not None:

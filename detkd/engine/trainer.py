@@ -132,15 +132,23 @@ def check_finite(losses: dict[str, Any], step: int) -> None:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW over the parameters that require grad (never the frozen teacher); no weight decay on norms
-    and biases, as in torchvision's detection references."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    """SGD or AdamW over the parameters that require grad (never a frozen teacher); no weight decay on norms
+    and biases, as in torchvision's detection references. A module with ``lr_mult(name) -> float`` (the Distiller:
+    an online teacher's ``teacher.lr_mult``) gets extra groups at that multiple of the learning rate, after the two
+    groups at 1 (so ``param_groups[0]`` stays the student's, whose rate is logged)."""
+    mult_of = getattr(unwrap(model), "lr_mult", None)
+    by_mult: dict[float, tuple[list, list]] = {1.0: ([], [])}
+    for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
+        decay, no_decay = by_mult.setdefault(float(mult_of(name)) if mult_of else 1.0, ([], []))
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     opt = cfg.train.optimizer
-    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for mult, (decay, no_decay) in by_mult.items():
+        extra = {} if mult == 1.0 else {"lr": opt.lr * mult}
+        groups += [{"params": decay, "weight_decay": opt.weight_decay, **extra},
+                   {"params": no_decay, "weight_decay": 0.0, **extra}]  # fmt: skip
     if opt.type == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
     return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas)

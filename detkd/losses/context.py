@@ -203,6 +203,7 @@ class StepRecord:
         self._anchors: Optional[list[Tensor]] = None
         self._anchor_cache = anchor_cache if anchor_cache is not None else {}
         self._roi_labels: Optional[Tensor] = None
+        self._parent: Optional[tuple[StepRecord, int]] = None  # (batch record, image index) of a per-image record
         self.cross_head: Optional[dict[str, Tensor]] = None  # set by the Distiller when a loss needs cross_head
         s_head, t_head = student.head, teacher.head
         self._s_cls = _split(s_head.get("cls_logits"), s_feats)
@@ -223,6 +224,9 @@ class StepRecord:
 
     def anchors(self) -> list[Tensor]:
         """The student's anchors per image, ``(sum_l H_l*W_l*A, 4)`` xyxy on the padded canvas (computed once)."""
+        if self._anchors is None and self._parent is not None:  # a per-image record: its image's anchors
+            parent, index = self._parent
+            self._anchors = [parent.anchors()[index]]
         if self._anchors is None:
             feats = [self.student.features[k] for k in self.head_levels]
             tensors = self.image_list.tensors
@@ -269,6 +273,29 @@ class StepRecord:
             self._roi_labels = torch.cat(assigned)
         return self._roi_labels
 
+    def image(self, index: int) -> StepRecord:
+        """The record of image ``index`` alone, as if the batch had held only it (every per-image tensor sliced,
+        the ROIs and their predictions of that image only, its anchors, its cross-head outputs; masks are computed
+        afresh). The ``confidence`` weighting of several teachers evaluates each loss this way, image by image."""
+        student = _image_of_student(self.student, index)
+        teacher = _image_of_teacher(self.teacher, self.student, index)
+        sub = StepRecord(
+            student,
+            teacher,
+            self.student_model,
+            self.teacher_model,
+            self.student_family,
+            self.teacher_family,
+            self.levels,
+            self.strides,
+            with_anchors=self.with_anchors,
+            anchor_cache={},
+        )
+        sub._parent = (self, index)
+        if self.cross_head is not None:
+            sub.cross_head = {k: v[index : index + 1] for k, v in self.cross_head.items()}
+        return sub
+
     def level_context(self, level: str, adapter: Optional[nn.Module] = None) -> LevelContext:
         """The context of ``level`` with the student feature passed through ``adapter`` (one per adapter; contexts
         of one level share the masks that do not depend on the student feature)."""
@@ -296,6 +323,64 @@ class StepRecord:
         )
         self._contexts[key] = ctx
         return ctx
+
+
+def _rows(flat: Optional[Tensor], counts: Sequence[int], index: int) -> Optional[Tensor]:
+    """The rows of image ``index`` in a tensor that concatenates ``counts[i]`` rows per image."""
+    if flat is None:
+        return None
+    start = sum(counts[:index])
+    return flat[start : start + counts[index]]
+
+
+def _batch_of_one(mapping: Any, index: int) -> Any:
+    return None if mapping is None else {k: v[index : index + 1] for k, v in mapping.items()}
+
+
+def _one(items: Optional[Sequence[Any]], index: int) -> Optional[list[Any]]:
+    return None if items is None else [items[index]]
+
+
+def _image_of_student(record: Any, index: int) -> Any:
+    """A :class:`~detkd.models.taps.ModelRecord` of image ``index`` alone."""
+    from torchvision.models.detection.image_list import ImageList
+
+    from detkd.models.taps import ModelRecord
+
+    il = record.image_list
+    counts = [len(p) for p in record.proposals] if record.proposals is not None else []
+    return ModelRecord(
+        image_list=ImageList(il.tensors[index : index + 1], [il.image_sizes[index]]),
+        targets=_one(record.targets, index),
+        features=_batch_of_one(record.features, index),
+        backbone_out=_batch_of_one(record.backbone_out, index),
+        head=_batch_of_one(record.head, index),
+        proposals=_one(record.proposals, index),
+        image_shapes=_one(record.image_shapes, index),
+        roi_logits=_rows(record.roi_logits, counts, index),
+        roi_deltas=_rows(record.roi_deltas, counts, index),
+        rpn_objectness=None if record.rpn_objectness is None else [o[index : index + 1] for o in record.rpn_objectness],
+        roi_labels=_rows(record.roi_labels, counts, index),
+        roi_keep=_one(record.roi_keep, index),
+    )
+
+
+def _image_of_teacher(record: Any, student: Any, index: int) -> Any:
+    """A :class:`~detkd.models.taps.TeacherRecord` of image ``index`` alone (its ROI rows are those of the student's
+    kept proposals of that image)."""
+    from detkd.models.taps import TeacherRecord
+
+    kept = student.kept_proposals()
+    counts = [len(p) for p in kept] if kept is not None else []
+    return TeacherRecord(
+        features=_batch_of_one(record.features, index),
+        backbone_out=_batch_of_one(record.backbone_out, index),
+        head=_batch_of_one(record.head, index),
+        roi_logits=_rows(record.roi_logits, counts, index),
+        roi_deltas=_rows(record.roi_deltas, counts, index),
+        rpn_objectness=None if record.rpn_objectness is None else [o[index : index + 1] for o in record.rpn_objectness],
+        detections=_one(record.detections, index),
+    )
 
 
 def _split(flat: Optional[Tensor], feats: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:

@@ -67,6 +67,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detkd.engine.checkpoint import load_detector_weights, load_state_dict_checked
 from detkd.models.families import FAMILIES, DetectorFamily, family_of, get_family, list_families, register_family
+from detkd.models.image_losses import fcos_image_losses, retinanet_image_losses, two_stage_image_losses
 from detkd.models.spec import DetectorSpec, to_spec
 
 StateDict = Mapping[str, torch.Tensor]
@@ -396,18 +397,21 @@ register_family(
     DetectorFamily(
         "retinanet", RetinaNet, build_retinanet, DENSE_STRIDES, "dense", logit_kd=True,
         class_dependent_prefixes=("head.classification_head.",), decode=_decode_anchor_deltas,
+        image_losses=retinanet_image_losses, image_losses_need_head=True,
     )
 )  # fmt: skip
 register_family(
     DetectorFamily(
         "fcos", FCOS, build_fcos, DENSE_STRIDES, "dense", logit_kd=True,
         class_dependent_prefixes=("head.classification_head.",), decode=_decode_point_distances,
+        image_losses=fcos_image_losses, image_losses_need_head=True,
     )
 )  # fmt: skip
 register_family(
     DetectorFamily(
         "faster_rcnn", FasterRCNN, build_faster_rcnn, RCNN_STRIDES, "two_stage",
         class_dependent_prefixes=("roi_heads.box_predictor.",), anchor_attr="rpn.anchor_generator",
+        image_losses=two_stage_image_losses,
     )
 )  # fmt: skip
 register_family(DetectorFamily("ssdlite", SSD, build_ssdlite, SSD_STRIDES, "ssd"))

@@ -43,6 +43,10 @@ class DetectorFamily:
             ``"rpn.anchor_generator"``).
         decode: ``decode(model, rel_codes (P, 4), anchors (P, 4)) -> boxes (P, 4)`` xyxy, or None when the family
             has no per-anchor box codes that detkd distils.
+        image_losses: ``image_losses(model, image_list, backbone_out, head_outputs, targets) -> (N,)``, the model's
+            own detection loss on each image from outputs it already computed (:mod:`detkd.models.image_losses`;
+            the ``confidence`` weighting of several teachers), or None when the family has none.
+        image_losses_need_head: ``image_losses`` reads the dense-head outputs (the teacher must compute them).
     """
 
     name: str
@@ -54,6 +58,8 @@ class DetectorFamily:
     class_dependent_prefixes: tuple[str, ...] = ()
     anchor_attr: str = "anchor_generator"
     decode: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None
+    image_losses: Optional[Callable[..., Tensor]] = None
+    image_losses_need_head: bool = False
 
     def anchor_generator(self, model: nn.Module) -> Optional[nn.Module]:
         """The module that makes the model's anchors / points / default boxes (None if it has none)."""

@@ -484,7 +484,6 @@ def renormalize(
     return out * inside[:, None].to(out.dtype)
 
 
-@torch.no_grad()
 def run_teacher(
     teacher: nn.Module,
     tap: FeatureTap,
@@ -494,9 +493,11 @@ def run_teacher(
     dense_head: bool,
     detections: Optional[list[dict[str, Tensor]]] = None,
     detection_pass: Optional[tuple[Tensor, Mapping[str, Tensor], dict[str, Tensor], dict[str, Tensor]]] = None,
+    grad: bool = False,
 ) -> TeacherRecord:
-    """Run the frozen ``teacher`` once on the (already re-normalised) padded batch ``canvas``, computing only what
-    ``needs`` asks for (names of :data:`detkd.losses.base.NEEDS`).
+    """Run the ``teacher`` once on the (already re-normalised) padded batch ``canvas``, computing only what
+    ``needs`` asks for (names of :data:`detkd.losses.base.NEEDS`); under ``no_grad`` unless ``grad`` (an online
+    teacher in deep mutual learning, which learns from the distillation terms too).
 
     Args:
         teacher: the teacher detector (eval mode).
@@ -509,8 +510,15 @@ def run_teacher(
             before the student's pass), kept in the record.
         detection_pass: ``(canvas, backbone output, features, head outputs)`` recorded during that detection pass;
             when its canvas equals ``canvas`` exactly, its backbone (and dense-head) outputs are reused instead of
-            computed again, so the teacher's backbone runs once per step.
+            computed again, so the teacher's backbone runs once per step. (An online teacher's own training pass
+            is handed in the same way.)
+        grad: record the teacher's outputs with their autograd graph.
     """
+    with torch.set_grad_enabled(grad):
+        return _run_teacher(teacher, tap, canvas, student, needs, dense_head, detections, detection_pass)
+
+
+def _run_teacher(teacher, tap, canvas, student, needs, dense_head, detections, detection_pass) -> TeacherRecord:
     record = TeacherRecord(detections=detections)
     head = getattr(teacher, "head", None)
     want_head = "teacher_head" in needs and dense_head and head is not None
