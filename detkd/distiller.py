@@ -29,9 +29,10 @@ Teachers and their modes:
   weights are part of the resume state (``ema_teacher.*``).
 * ``online``: trains with the student on the ground truth. It *is* a registered submodule (``online_teachers.<name>``)
   so that it is in the optimizer (at ``lr_mult`` x the learning rate, :meth:`lr_mult`), in DDP, in the checkpoint,
-  and in train mode (BatchNorm too) when the Distiller is. What reaches it: its own detection loss always; the
-  distillation terms only with ``mutual=True`` (deep mutual learning), otherwise its outputs enter the losses
-  detached (module docstring of :meth:`Distiller.record_teachers`).
+  and in train mode (BatchNorm too) when the Distiller is. What reaches it: its own detection loss always
+  (``teacher_task/*``); nothing of the student's distillation terms (every loss detaches the teacher's side, and its
+  head runs as a fixed function under CrossKD); with ``mutual=True`` (deep mutual learning) also the reverse terms
+  ``mutual/*`` (:meth:`Distiller._mutual_terms`), in which it imitates the detached student.
 
 With the one-teacher shorthand (a module, or a single :class:`TeacherSpec`, as ``teacher:`` in a recipe) the term
 names and checkpoint keys are those of a one-teacher run (``distill/fgd/p3``, ``adapters.p3``); with a list of
@@ -197,7 +198,7 @@ class TeacherSlot:
 @contextlib.contextmanager
 def no_parameter_grad(module: nn.Module) -> Iterator[None]:
     """Run ops that record no gradient for ``module``'s parameters (inputs still get theirs): an online teacher's head
-    run on the student's features (``cross_head``) must not train the teacher unless it learns mutually."""
+    run on the student's features (``cross_head``) trains the student, never the teacher."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -265,7 +266,8 @@ class Distiller(nn.Module):
         weighting: how several teachers combine (:class:`~detkd.teachers.weighting.TeacherWeighting`; default
             ``fixed``). ``adaptive`` needs :meth:`set_holdout` before training.
         fusion: ``(method, iou)`` of the pseudo labels of several teachers (:mod:`detkd.teachers.fusion`).
-        mutual: deep mutual learning: the distillation terms also train the online teachers.
+        mutual: deep mutual learning: every feature loss against an online teacher also runs reversed (the teacher
+            learns towards the detached student), logged as ``mutual/<loss>/...``.
 
     Attributes:
         slots: the teachers as run (:class:`TeacherSlot`), in order; ``teacher``, ``levels``, ``feature_specs``,
@@ -607,10 +609,10 @@ class Distiller(nn.Module):
 
         An online teacher's own training pass (``teacher_task/*``, on the ground truth, never on pseudo labels) is
         recorded like a detection pass; when its canvas is the student's, its features and head outputs are reused
-        for distillation. Without ``mutual`` they enter the losses **detached**, so only the teacher's own
-        detection loss trains it; with ``mutual`` they keep their graph, so every distillation term's gradient
-        with respect to the teacher's features and head outputs reaches the teacher too (the masks and attention
-        maps a loss derives from the teacher are detached by the losses themselves, as for a frozen teacher).
+        for distillation (otherwise its backbone runs again on the student's canvas; its BatchNorm statistics then
+        see that pass too). Without ``mutual`` they enter the record **detached**, so only the teacher's own
+        detection loss trains it; with ``mutual`` they keep their graph, for the reverse terms of
+        :meth:`_mutual_terms` (the student's own terms still cannot reach it: the losses detach their target).
 
         Args:
             images: the batch, (3, H_i, W_i) float in ``[0, 1]``.
@@ -685,8 +687,8 @@ class Distiller(nn.Module):
         )
         if "cross_head" in needs:  # with grad: through the teacher head back to the student and adapters
             feats = [slot.cross_adapters[lvl](s_record.features[lvl]) for lvl in record.head_levels]
-            frozen = slot.mode == "online" and not self.mutual  # an online teacher's head learns only mutually
-            with no_parameter_grad(slot.model.head) if frozen else contextlib.nullcontext():
+            # an online teacher's head is a fixed function here: CrossKD trains the student, never the teacher
+            with no_parameter_grad(slot.model.head) if slot.mode == "online" else contextlib.nullcontext():
                 record.cross_head = dict(slot.model.head(feats))
         return record
 
@@ -881,7 +883,24 @@ class Distiller(nn.Module):
                 losses["/".join(parts)] = self._weight(spec) * raw
                 if unweighted is not None and spec.name in self._auto_index:
                     unweighted[spec.name] = unweighted.get(spec.name, 0.0) + raw.detach()
+            if slot.mode == "online" and self.mutual:
+                losses.update(self._mutual_terms(slot, record))
         return losses
+
+    def _mutual_terms(self, slot: TeacherSlot, record: StepRecord) -> dict[str, Tensor]:
+        """Deep mutual learning (Zhang et al., CVPR 2018): each model also learns from the other's detached outputs.
+        The losses detach their target, so the student's terms never reach the teacher; the reverse terms run every
+        feature loss on the swapped context (:meth:`~detkd.losses.context.LevelContext.swapped`): the teacher's
+        feature learns towards the adapted student feature (detached), with the loss's own weight (not the
+        teacher's: that weighs what the *student* takes from each teacher). Named ``mutual/<loss>/[<teacher>/]<level>``.
+        Head losses stay one-way (student from teacher)."""
+        out: dict[str, Tensor] = {}
+        for spec in slot.feature_specs:
+            for lvl in spec.levels:
+                ctx = record.level_context(lvl, slot.adapter(lvl)).swapped()
+                parts = ["mutual", spec.name] + ([slot.name] if self.named else []) + [lvl]
+                out["/".join(parts)] = self._weight(spec) * spec.module(ctx.s_feat, ctx.t_feat, ctx)
+        return out
 
     def _weight(self, spec: LossSpec) -> Union[float, torch.Tensor]:
         if spec.weight != "auto":
@@ -931,7 +950,7 @@ class Distiller(nn.Module):
         if scaler.names:
             self.log_scalars.update({f"distill/weight/{k}": v for k, v in scaler.weights().items()})
         if scale != 1.0:
-            losses = {k: scale * v if k.startswith("distill/") else v for k, v in losses.items()}
+            losses = {k: scale * v if k.startswith(("distill/", "mutual/")) else v for k, v in losses.items()}
         scaler.step()
         return losses
 

@@ -143,6 +143,23 @@ class LevelContext:
             student_dependent=True,
         )
 
+    def swapped(self) -> LevelContext:
+        """This level with the roles exchanged: the teacher's feature (with its graph) is the learner and the adapted
+        student's feature (detached) the target; logits swapped too, masks computed afresh. Deep mutual learning's
+        reverse term: a loss on this context trains the teacher towards the student (losses detach their target)."""
+        return LevelContext(
+            name=self.name,
+            stride=self.stride,
+            image_hw=self.image_hw,
+            boxes=self.boxes,
+            s_feat=self.t_feat,
+            t_feat=self.s_feat.detach(),
+            anchors=self.anchors,
+            t_cls_logits=None if self.s_cls_logits is None else self.s_cls_logits.detach(),
+            s_cls_logits=self.t_cls_logits,
+            logits_per_anchor=self.logits_per_anchor,
+        )
+
     def clear(self) -> None:
         """Drop every cached mask of this context (e.g. if the features were replaced)."""
         self._cache.clear()
