@@ -13,6 +13,11 @@ process's peak RSS, on CUDA ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/speed.py                    # both pairs, every method -> benchmarks/results/speed.{json,md}
     python benchmarks/speed.py --pairs retinanet --methods fgd pkd --reps 10
+    python benchmarks/speed.py --pairs retinanet --methods pkd --teachers 2   # K teachers -> speed_teachers2.*
+
+With ``--teachers K`` the distillation step has K heterogeneous teachers (the pair's teacher, then the pair's
+``extra_teachers`` in turn, fixed weighting), (b) is the sum of the K teachers' forwards, and the target is
+``c / (a + b) <= 1.10``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ PAIRS: dict[str, dict[str, Any]] = {
     "retinanet": {
         "teacher": {"arch": "retinanet", "backbone": "resnet50", "fpn_channels": 256},
         "student": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 64},
+        # more teachers for --teachers K: another family and width than the first
+        "extra_teachers": [{"arch": "fcos", "backbone": "resnet34", "fpn_channels": 128}],
         "methods": [
             "mse",
             "fgfi",
@@ -55,6 +62,7 @@ PAIRS: dict[str, dict[str, Any]] = {
     "faster_rcnn": {
         "teacher": {"arch": "faster_rcnn", "backbone": "resnet50", "fpn_channels": 256},
         "student": {"arch": "faster_rcnn", "backbone": "resnet18", "fpn_channels": 64},
+        "extra_teachers": [{"arch": "retinanet", "backbone": "resnet34", "fpn_channels": 128}],
         "methods": ["mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "pseudo_label", "roi_kd"],
         "extra_methods": ["roi_kd_all", "roi_kd_256", "roi_kd_64", "roi_kd_32"],  # with --methods only
     },
@@ -126,7 +134,7 @@ def measure(pair: str, method: str, part: str, args: argparse.Namespace) -> dict
     """Run one measurement in this process: part is 'student', 'teacher' or 'distill'."""
     import torch
 
-    from detkd.distiller import Distiller, LossSpec
+    from detkd.distiller import Distiller, LossSpec, TeacherSpec
     from detkd.losses import HEAD_LOSSES, build_feature_loss
     from detkd.models.build import build_detector
 
@@ -135,7 +143,9 @@ def measure(pair: str, method: str, part: str, args: argparse.Namespace) -> dict
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = PAIRS[pair]
     common = {"num_classes": args.num_classes, "min_size": args.size, "max_size": args.size}
-    teacher = build_detector(**spec["teacher"], **common).to(device)
+    pool = [spec["teacher"], *spec.get("extra_teachers", [])]
+    teachers = [build_detector(**pool[k % len(pool)], **common).to(device) for k in range(args.teachers)]
+    teacher = teachers[0]
     student = build_detector(**spec["student"], **common).to(device)
     images, targets = make_batch(args.batch, args.size, args.num_classes)
     images = [i.to(device) for i in images]
@@ -151,7 +161,11 @@ def measure(pair: str, method: str, part: str, args: argparse.Namespace) -> dict
             pseudo = module
         else:
             head = [LossSpec(method, module, 1.0)]
-    distiller = Distiller(teacher, student, feature, head, pseudo, probe_size=args.size).to(device)
+    if args.teachers == 1:
+        distiller = Distiller(teacher, student, feature, head, pseudo, probe_size=args.size).to(device)
+    else:
+        specs = [TeacherSpec(f"t{k}", t) for k, t in enumerate(teachers)]
+        distiller = Distiller(specs, student, feature, head, pseudo, probe_size=args.size).to(device)
     distiller.train()
     params = [p for p in distiller.parameters() if p.requires_grad]
     # lr 0: every repetition does the full step (backward + optimizer update) on unchanged weights. With real
@@ -166,15 +180,16 @@ def measure(pair: str, method: str, part: str, args: argparse.Namespace) -> dict
         opt.step()
 
     def teacher_forward():
-        """What the distillation step adds on the teacher side (the Distiller's own calls)."""
+        """What the distillation step adds on the teacher side (the Distiller's own calls), for every teacher."""
         with torch.no_grad():
-            if pseudo is not None:
-                teacher(images)  # full detection for the pseudo labels
-            if not feature and not head:
-                return  # a pseudo-label-only recipe runs no second teacher pass
-            feats = teacher.backbone(student.transform(images)[0].tensors)
-            if "teacher_head" in distiller.needs and hasattr(teacher, "head"):
-                teacher.head(list(feats.values()))
+            for teacher in teachers:
+                if pseudo is not None:
+                    teacher(images)  # full detection for the pseudo labels
+                if not feature and not head:
+                    continue  # a pseudo-label-only recipe runs no second teacher pass
+                feats = teacher.backbone(student.transform(images)[0].tensors)
+                if "teacher_head" in distiller.needs and hasattr(teacher, "head"):
+                    teacher.head(list(feats.values()))
 
     def distill_step():
         losses = distiller(images, targets)
@@ -196,7 +211,7 @@ def run_isolated(pair: str, method: str, part: str, args: argparse.Namespace) ->
     """Each measurement in its own interpreter, so the peak RSS is that measurement's."""
     cmd = [sys.executable, __file__, "--worker", pair, method, part, "--reps", str(args.reps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--size", str(args.size),
-           "--threads", str(args.threads), "--device", args.device]  # fmt: skip
+           "--threads", str(args.threads), "--device", args.device, "--teachers", str(args.teachers)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise RuntimeError(f"{pair}/{method}/{part} failed:\n{proc.stderr[-3000:]}")
@@ -208,7 +223,12 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Measured by `python benchmarks/speed.py` on {meta['machine']} ({meta['threads']} threads, device "
         f"{meta['device']}), batch {meta['batch']} at {meta['size']} px, median of {meta['reps']} steps after "
-        f"{meta['warmup']} warm-up steps (IQR in brackets).",
+        f"{meta['warmup']} warm-up steps (IQR in brackets)"
+        + (
+            f", {meta['teachers']} teachers (teacher fwd = the sum of their forwards)."
+            if meta.get("teachers", 1) > 1
+            else "."
+        ),
         "",
         "| pair | method | student step (a) | teacher fwd (b) | distill step (c) | overhead c/(a+b) | masks+losses "
         "share of (c) | peak mem (c) / (a) |",
@@ -238,7 +258,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=9)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=str(RESULTS / "speed"))
+    parser.add_argument("--teachers", type=int, default=1, help="K teachers in the distillation step")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/speed (speed_teachers<K> for K > 1)")
     parser.add_argument("--worker", nargs=3, metavar=("PAIR", "METHOD", "PART"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -265,9 +286,10 @@ def main() -> None:
 
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": args.threads,
             "device": args.device, "batch": args.batch, "size": args.size, "reps": args.reps,
-            "warmup": args.warmup, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+            "warmup": args.warmup, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "teachers": args.teachers}  # fmt: skip
     results = {"meta": meta, "rows": rows}
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("speed" if args.teachers == 1 else f"speed_teachers{args.teachers}"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(to_markdown(results))
