@@ -296,22 +296,24 @@ def compare_recipe(
         ``{"rows": [teacher ModelCost, student ModelCost], "ratios": ..., "headline": str, "table": str,
         "checkpoints": {"teacher": path or None, "student": path or None}}``.
     """
+    from detkd.config import teacher_entries
     from detkd.data.build import build_dataset, build_eval_loader, ensure_data
     from detkd.engine.evaluator import evaluate
     from detkd.models.build import build_detector_from_cfg, load_detector_weights
 
-    if cfg.teacher is None or cfg.student is None:
+    if not teacher_entries(cfg) or cfg.student is None:
         raise ValueError(
             f"recipe '{cfg.name}' needs both a 'teacher' and a 'student' section for a comparison "
             f"(a tools/train.py recipe with one 'model' has nothing to compare against)."
         )
-    if teacher_ckpt is None and cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).is_file():
-        teacher_ckpt = cfg.teacher.checkpoint
+    teacher_cfg = teacher_entries(cfg)[0][2]  # several teachers: compared with the first
+    if teacher_ckpt is None and teacher_cfg.checkpoint and Path(teacher_cfg.checkpoint).is_file():
+        teacher_ckpt = teacher_cfg.checkpoint
     ensure_data(cfg.data, show_progress)
     val_set = build_dataset(cfg.data, "val", seed=cfg.train.seed)
     image = val_set[0][0]
     rows, used = [], {}
-    for name, model_cfg, ckpt in (("teacher", cfg.teacher, teacher_ckpt), ("student", cfg.student, student_ckpt)):
+    for name, model_cfg, ckpt in (("teacher", teacher_cfg, teacher_ckpt), ("student", cfg.student, student_ckpt)):
         plain = replace(model_cfg, checkpoint=None, weights=None, weights_backbone=None)
         torch.manual_seed(0)
         model = build_detector_from_cfg(plain, val_set.num_classes)

@@ -292,23 +292,25 @@ def visualize_recipe(
     Raises:
         FileNotFoundError: The teacher checkpoint does not exist (the message says how to make it).
     """
+    from detkd.config import teacher_entries
     from detkd.data.build import build_dataset, ensure_data
     from detkd.distiller import build_distiller_from_cfg
     from detkd.engine.runner import resolve_work_dir
     from detkd.engine.trainer import resolve_device, seed_everything
 
-    if cfg.teacher is None or cfg.student is None:
+    if not teacher_entries(cfg) or cfg.student is None:
         raise ValueError(f"recipe '{cfg.name}' is not a distillation recipe (it needs 'teacher' and 'student').")
-    teacher_ckpt = cfg.teacher.checkpoint
-    if teacher_ckpt is not None and not Path(teacher_ckpt).is_file():
-        how = (
-            f"the recipe trains it when missing (teacher.train_if_missing={cfg.teacher.train_if_missing}): run "
-            f"tools/train_distill.py --cfg <this recipe> (or tools/train.py --cfg {cfg.teacher.train_if_missing}) "
-            f"first"
-            if cfg.teacher.train_if_missing
-            else "train it with tools/train.py or point teacher.checkpoint at an existing file"
-        )
-        raise FileNotFoundError(f"teacher checkpoint {teacher_ckpt} does not exist; {how}.")
+    for _, key, teacher, _ in teacher_entries(cfg):  # several teachers: the pictures show the first
+        teacher_ckpt = teacher.checkpoint
+        if teacher_ckpt is not None and not Path(teacher_ckpt).is_file():
+            how = (
+                f"the recipe trains it when missing ({key}.train_if_missing={teacher.train_if_missing}): run "
+                f"tools/train_distill.py --cfg <this recipe> (or tools/train.py --cfg {teacher.train_if_missing}) "
+                f"first"
+                if teacher.train_if_missing
+                else f"train it with tools/train.py or point {key}.checkpoint at an existing file"
+            )
+            raise FileNotFoundError(f"teacher checkpoint {teacher_ckpt} does not exist; {how}.")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     ensure_data(cfg.data, show_progress=False)

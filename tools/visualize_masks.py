@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from detkd.cli import add_opts, load_or_exit, run_main
+from detkd.config import teacher_entries
 from detkd.engine.checkpoint import load_checkpoint
 from detkd.errors import CheckpointNotFoundError, ConfigError
 from detkd.vis import visualize_recipe
@@ -26,14 +27,14 @@ def main() -> None:
     add_opts(parser)
     args = parser.parse_args()
     cfg = load_or_exit(args.cfg, args.opts)
-    if cfg.teacher is None or cfg.student is None:
+    if not teacher_entries(cfg) or cfg.student is None:
         raise ConfigError(f"{args.cfg}: not a distillation recipe (mask pictures need 'teacher' and 'student').")
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}.")
-    teacher_ckpt = cfg.teacher.checkpoint
-    if teacher_ckpt is not None and not Path(teacher_ckpt).is_file():
-        how = f"tools/train_distill.py --cfg {args.cfg} trains it" if cfg.teacher.train_if_missing else "train it"
-        raise CheckpointNotFoundError(f"teacher checkpoint {teacher_ckpt} does not exist; {how} first.")
+    for _, _, teacher, _ in teacher_entries(cfg):  # several teachers: the pictures show the first
+        if teacher.checkpoint is not None and not Path(teacher.checkpoint).is_file():
+            how = f"tools/train_distill.py --cfg {args.cfg} trains it" if teacher.train_if_missing else "train it"
+            raise CheckpointNotFoundError(f"teacher checkpoint {teacher.checkpoint} does not exist; {how} first.")
     if args.ckpt is not None:
         load_checkpoint(args.ckpt, mmap=True)  # a bad --ckpt: one message naming the file, before any work
     paths = visualize_recipe(cfg, args.ckpt, args.num_images, args.split, args.out, args.levels)
