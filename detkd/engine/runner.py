@@ -436,8 +436,9 @@ def check_teacher(
         name = "teacher" if key == "teacher" else f"teacher '{getattr(teacher_cfg, 'name', key)}'"
         print(format_metrics_table(metrics, title=f"{name} ({teacher_cfg.arch}-{teacher_cfg.backbone}) on val"))
     if check is not None and check.enabled and metrics["AP"] < check.min_ap:
+        who = "the teacher" if key == "teacher" else f"the teacher '{getattr(teacher_cfg, 'name', key)}' ({key})"
         raise RunError(
-            f"the teacher {key} scores AP {metrics['AP']:.4f} on {len(loader.dataset)} val images, below "
+            f"{who} scores AP {metrics['AP']:.4f} on {len(loader.dataset)} val images, below "
             f"distill.teacher_check.min_ap={check.min_ap}: it probably did not load ({key}.checkpoint="
             f"{teacher_cfg.checkpoint}) or was trained on other classes. Fix the teacher, or set "
             f"distill.teacher_check.enabled=false to distil anyway."
