@@ -4,7 +4,13 @@ The loss sets (``distill`` sections) of the benchmark and method recipes, as res
 are stored with the numbers in ``tests/data/golden_losses.json``; each runs on tiny detectors (ResNet-18, FPN 32
 teacher / 16 student, so adapters are exercised), a fixed batch of hand-made images and boxes (one image empty, one
 smaller than the canvas so padding is exercised), a teacher and a student loaded from fixed checkpoints, and three
-plain SGD steps. A refactor of the distillation step must leave every term equal within 1e-6.
+plain SGD steps. A refactor of the distillation step must leave every term equal within the tolerances below.
+
+Tolerances: the numbers were pinned on one CPU; another CPU's convolution kernels (other SIMD widths, other
+summation orders) change the first step's terms by up to ~1e-5 relative (measured on two machines), and every SGD
+step amplifies that. So the first step is compared within 1e-4 relative (a changed formula, normalisation or mask
+moves it far more), the later steps within 5e-3, and the cases that make pseudo labels from every detection
+(score threshold 0: near-tied scores decide which boxes survive the top-k) within 5e-2.
 
 Regenerate (only when a change of numbers is intended, and say why in the commit):
 ``python tests/test_golden_losses.py --write``.
@@ -27,7 +33,9 @@ from detkd.models.build import build_detector
 GOLDEN = Path(__file__).parent / "data" / "golden_losses.json"
 NUM_CLASSES = 4  # labels 1..3
 STEPS = 3
-TOL = 1e-6
+TOL_FIRST_STEP = 1e-4
+TOL_LATER_STEPS = 5e-3
+TOL_TIED_PSEUDO_LABELS = 5e-2  # the "*_thr0" pseudo-label cases
 
 
 def golden_batch():
@@ -98,10 +106,13 @@ def test_loss_terms_match_golden_numbers(name, tmp_path):
     case = _cases()[name]
     got = run_case(case, tmp_path)
     for step, (expected, actual) in enumerate(zip(case["losses"], got)):
+        tol = TOL_FIRST_STEP if step == 0 else TOL_LATER_STEPS
+        if name.startswith("extra/pseudo_label") and name.endswith("_thr0"):
+            tol = TOL_TIED_PSEUDO_LABELS
         assert sorted(actual) == sorted(expected), f"{name} step {step}: loss names changed"
         for key, value in expected.items():
             assert math.isfinite(actual[key])
-            assert abs(actual[key] - value) <= TOL * max(1.0, abs(value)), (
+            assert abs(actual[key] - value) <= tol * max(1.0, abs(value)), (
                 f"{name} step {step} {key}: {actual[key]!r} != golden {value!r}"
             )
 
