@@ -21,6 +21,27 @@ Protocol (regime v2; see the README's "Results" section and DESIGN.md "Benchmark
 - cost: params, GFLOPs and CPU latency of teacher and student (``tools/compare.py``, with the best run's student);
 - AP is the val AP after the **last** epoch (no checkpoint picking on the reported split).
 
+Issue 15's rows (several teachers, teachers that learn):
+
+- a **second benchmark teacher** of another family, ``configs/bench/teacher_retinanet.yaml`` (RetinaNet
+  R34-FPN128, the same data and schedule as the FCOS teacher), trained once and cached like it
+  (``work_dirs/bench/v2_teacher_retina``) and evaluated on val and on the tuning split; it is trained after the
+  regime check, when a planned run needs it;
+- **two teachers** (``two_teachers_{fixed,confidence,adaptive}``: FCOS + RetinaNet under ``teachers:``) against each
+  teacher alone with the same loss (``fcos_pkd``, ``retina_pkd``): PKD on every level, scale-free, fixed before any
+  run. The single-teacher rows also use a one-entry ``teachers:`` list, because detkd builds the teachers of a
+  ``teachers:`` list under their own seeds: the five rows start from the same student weights (``pkd``, with the
+  ``teacher:`` shorthand, does not: its student is built after the teacher);
+- **online** (``online_pkd``: the teacher architecture trained from scratch with the student; ``mutual_pkd``: the
+  same with deep mutual learning) against the frozen teacher with the same loss (``pkd``);
+- **born-again** (``born_again``): a student of the teacher's own architecture (FCOS R34-FPN128) distilled from the
+  frozen teacher over the teacher's whole schedule (3,200 steps), compared with the teacher's AP (target: the
+  student passes its teacher); it is not ranked with the bench students (another student);
+- ``ema`` (self-distillation), ``relation`` and ``best_feature_relation`` are rows of the main protocol.
+
+Every frozen teacher of a recipe gets the checkpoint of the cached benchmark teacher of its architecture through
+``--opts`` (``teacher.checkpoint=...``, or ``teachers.<i>.checkpoint=...`` for each entry of a list).
+
 Every finished run is stored in ``benchmarks/results/runs/<tag>_<run>_s<seed>.json`` and skipped when the script runs
 again, so the benchmark can be completed over several invocations (and the results of an interrupted invocation are
 kept). ``--plan`` prints the planned runs and the estimated elapsed time without training. ``--quick`` trains its
@@ -75,6 +96,16 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("defeat_auto", "defeat_auto.yaml", 2, 0),
     ("relation", "relation.yaml", 2, 0),  # issue 15
     ("ema", "ema.yaml", 2, 0),  # self-distillation, no trained teacher
+    # issue 15: several teachers, each teacher alone with the same loss (PKD, fixed before any run)
+    ("fcos_pkd", "fcos_pkd.yaml", 2, 0),
+    ("retina_pkd", "retina_pkd.yaml", 2, 0),
+    ("two_teachers_fixed", "two_teachers_fixed.yaml", 2, 0),
+    ("two_teachers_confidence", "two_teachers_confidence.yaml", 2, 0),
+    ("two_teachers_adaptive", "two_teachers_adaptive.yaml", 2, 0),
+    # teachers that learn: against pkd (the frozen teacher, same loss, same student initialisation)
+    ("online_pkd", "online_pkd.yaml", 2, 0),
+    ("mutual_pkd", "mutual_pkd.yaml", 2, 0),
+    ("born_again", "born_again.yaml", 2, 0),  # FCOS R34-FPN128 student, 3,200 steps: against the teacher
 ]
 FEATURE_RUNS = ("mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "mse_auto", "fgd_auto", "defeat_auto")
 # Rows built on the best feature / best overall recipe of the first pass, ranked on the TUNING split (never val):
@@ -88,6 +119,17 @@ KD_SCHEDULE = {"warmup_iters": 50, "decay": "cosine", "final_ratio": 0.1}  # fix
 DERIVED_DIR = BENCH_CFG / "derived"
 TAG = {"full": "v2", "quick": "v2quick"}  # run records of the first regime (RetinaNet R50 -> R18) are full_*/quick_*
 TEACHER_RECIPE = "teacher.yaml"
+# The cached benchmark teachers: id -> recipe. Each is trained once into work_dirs/bench/<tag>_<id>/ (record
+# results/runs/<tag>_<id>.json; an id must not contain "_s", or the glob of the run records would match it); a
+# recipe's frozen teacher gets the checkpoint of the one of its architecture.
+TEACHERS: dict[str, str] = {"teacher": TEACHER_RECIPE, "teacher_retina": "teacher_retinanet.yaml"}
+# Rows the protocol does not rank with the bench students (another student architecture); each is compared with a
+# teacher instead: run name -> benchmark teacher id
+AGAINST_TEACHER = {"born_again": "teacher"}
+# The rows of issue 15's comparisons in the report (issue15_comparisons): the ensembles, each teacher alone, online
+TWO_TEACHER_RUNS = ("two_teachers_fixed", "two_teachers_confidence", "two_teachers_adaptive")
+SINGLE_TEACHER_RUNS = ("fcos_pkd", "retina_pkd")
+ONLINE_RUNS = {"online_pkd": "pkd", "mutual_pkd": "pkd"}  # -> the frozen-teacher row with the same loss
 TOP_K = 3  # the top distilled methods (by mean AP after the first pass) are run with MAX_SEEDS seeds
 MAX_SEEDS = 3
 WALL_TIME_SEEDS = 2
@@ -99,8 +141,16 @@ GAP_RUN = "baseline_teacher_schedule"  # the regime check: the baseline student 
 GAP_SEEDS = 2
 MIN_GAP = 0.10  # the teacher must stay this far (AP) above GAP_RUN
 CONVERGED_AP = 0.01  # the teacher's last two evaluations within this much AP
-# seconds per step (batch 8, one thread, two runs side by side) until stored runs give measured ones
-DEFAULT_STEP_S = {"student": 0.35, "distill": 0.9, "teacher": 0.8}
+# seconds per step (batch 8, one thread, two runs side by side) until stored runs give measured ones; "teacher": a
+# benchmark teacher training alone; the issue-15 kinds are estimates from the measured ones (a second teacher
+# forward ~0.55 s, a teacher training step at one thread ~1.4 s), replaced by the runs' own times as they finish
+DEFAULT_STEP_S = {"student": 0.35, "distill": 0.9, "teacher": 0.8, "two_teachers": 1.5, "online": 1.8,
+                  "born_again": 2.0}  # fmt: skip
+# the cost class of a run for the time estimate (default: "distill"; baselines: "student"; long_<name>: <name>'s)
+RUN_KIND = {"two_teachers_fixed": "two_teachers", "two_teachers_confidence": "two_teachers",
+            "two_teachers_adaptive": "two_teachers", "online_pkd": "online", "mutual_pkd": "online",
+            "born_again": "born_again"}  # fmt: skip
+ITERS_PER_EPOCH = 200  # 1,600 training images, batch 8
 QUICK_TEACHER_OPTS = ["train.epochs=3", "eval.interval=1"]  # 600 teacher steps
 QUICK_STUDENT_OPTS = ["train.epochs=1"]  # 200 student steps
 THREADS = {"per_run": None}  # set from --jobs in main()
@@ -185,44 +235,108 @@ def ensure_loss_scales(teacher_ckpt: str) -> None:
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL)
 
 
-@functools.cache
-def uses_trained_teacher(path: Path) -> bool:
-    """Whether a distillation recipe's teacher is a trained checkpoint (``mode: frozen``), which accuracy.py points
-    at the cached benchmark teacher; an ``ema`` teacher is built from the student and has none."""
+def recipe_path(recipe: str) -> Path:
+    """A run's recipe file; ``recipe`` is relative to configs/bench (``derived/<name>.yaml``: in
+    :data:`DERIVED_DIR`)."""
+    if recipe.startswith("derived/"):
+        return DERIVED_DIR / recipe.removeprefix("derived/")
+    return BENCH_CFG / recipe
+
+
+def _load_config(path: Path, opts: Optional[list[str]] = None):
     sys.path.insert(0, str(REPO))
     from detkd.config import load_config
 
-    cfg = load_config(path)
-    return cfg.teacher is not None and cfg.teacher.mode == "frozen"
+    return load_config(path, opts)
 
 
 @functools.cache
 def is_distill_recipe(path: Path) -> bool:
-    """Whether a recipe has a teacher. Answered once per recipe, from the main thread (see ``run_all``): the worker
-    threads must not import detkd/torchvision for the first time concurrently, or one of them sees a partially
-    initialised module; they only read the cached answer."""
-    sys.path.insert(0, str(REPO))
-    from detkd.config import load_config
+    """Whether a recipe has a teacher (``teacher:`` or ``teachers:``). Answered once per recipe, from the main thread
+    (see ``run_all``): the worker threads must not import detkd/torchvision for the first time concurrently, or one
+    of them sees a partially initialised module; they only read the cached answer."""
+    cfg = _load_config(path)
+    from detkd.config import teacher_entries
 
-    return load_config(path).teacher is not None
+    return bool(teacher_entries(cfg))
+
+
+@functools.cache
+def _teacher_model(teacher_id: str) -> tuple[str, str, int]:
+    model = _load_config(BENCH_CFG / TEACHERS[teacher_id]).model
+    return (model.arch, model.backbone, model.fpn_channels)
+
+
+@functools.cache
+def teacher_slots(path: Path) -> tuple[tuple[str, str], ...]:
+    """``(dotted key, benchmark teacher id)`` of every frozen teacher of a recipe (``teacher``, or ``teachers.<i>``
+    for each entry of a list): the cached benchmark teacher (:data:`TEACHERS`) of the same arch, backbone and FPN
+    width. ``ema`` and ``online`` teachers have none (an EMA teacher is built from the student, an online one here
+    trains from scratch). A frozen teacher that no benchmark teacher matches is an error naming its key."""
+    cfg = _load_config(path)
+    from detkd.config import teacher_entries
+
+    slots = []
+    for _, key, t_cfg, _ in teacher_entries(cfg):
+        if t_cfg.mode != "frozen":
+            continue
+        model = (t_cfg.arch, t_cfg.backbone, t_cfg.fpn_channels)
+        match = [tid for tid in TEACHERS if _teacher_model(tid) == model]
+        if not match:
+            raise ValueError(f"{path}: {key} ({'-'.join(map(str, model))}) is no benchmark teacher ({TEACHERS})")
+        slots.append((key, match[0]))
+    return tuple(slots)
+
+
+def teachers_needed(recipes) -> set[str]:
+    """The benchmark teachers (ids) that the runs of these recipes (relative to configs/bench) learn from."""
+    return {tid for recipe in recipes for _, tid in teacher_slots(recipe_path(recipe))}
+
+
+@functools.cache
+def uses_bench_pair(path: Path) -> bool:
+    """Whether a recipe distils the benchmark pair of ``_base_/pair.yaml`` as it is (the frozen FCOS teacher under
+    ``teacher:``, the bench student): only such a recipe's losses can be carried into a derived row."""
+    cfg, pair = _load_config(path), _load_config(BENCH_CFG / "_base_" / "pair.yaml")
+    return not cfg.teachers and cfg.teacher == pair.teacher and cfg.student == pair.student
+
+
+def checkpoint_opts(path: Path, checkpoints: dict[str, str]) -> list[str]:
+    """``--opts`` that point every frozen teacher of a recipe at its cached benchmark teacher's checkpoint
+    (``checkpoints``: benchmark teacher id -> path)."""
+    out = []
+    for key, tid in teacher_slots(path):
+        if tid not in checkpoints:
+            raise RuntimeError(f"{path.name}: {key} needs the benchmark teacher '{tid}' ({TEACHERS[tid]}), not trained")
+        out.append(f"{key}.checkpoint={checkpoints[tid]}")
+    return out
+
+
+def training_command(recipe: str, seed: int, checkpoints: dict[str, str], opts: list[str]) -> tuple[str, list[str]]:
+    """The tool (``train.py`` or ``train_distill.py``) and the ``--opts`` of one benchmark run: its seed, no
+    evaluation before the end, the run's own overrides, and its teachers' checkpoints (:func:`checkpoint_opts`)."""
+    path = recipe_path(recipe)
+    run_opts = [f"train.seed={seed}", "eval.interval=0", *opts]
+    if not is_distill_recipe(path):
+        return "train.py", run_opts
+    return "train_distill.py", run_opts + checkpoint_opts(path, checkpoints)
 
 
 def record_path(tag: str, name: str, seed: int) -> Path:
     return RESULTS / "runs" / f"{tag}_{name}_s{seed}.json"
 
 
-def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str, opts: list[str], tag: str) -> dict[str, Any]:
+def run_student(
+    name: str, recipe: str, seed: int, checkpoints: dict[str, str], opts: list[str], tag: str
+) -> dict[str, Any]:
+    """Train one run (``checkpoints``: benchmark teacher id -> checkpoint) unless it is stored; returns its record."""
     path_out = record_path(tag, name, seed)
     if path_out.is_file():
         return json.loads(path_out.read_text())
     work = REPO / "work_dirs" / "bench" / f"{tag}_{name}_s{seed}"
-    path = BENCH_CFG / recipe
-    is_distill = is_distill_recipe(path)
-    run_opts = [f"train.seed={seed}", "eval.interval=0", *opts]
-    if is_distill and uses_trained_teacher(path):
-        run_opts.append(f"teacher.checkpoint={teacher_ckpt}")
+    script, run_opts = training_command(recipe, seed, checkpoints, opts)
     print(f"[bench] {name} seed {seed}", flush=True)
-    wall = run_tool("train_distill.py" if is_distill else "train.py", path, work, run_opts, work / "stdout.log")
+    wall = run_tool(script, recipe_path(recipe), work, run_opts, work / "stdout.log")
     record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, "threads": THREADS["per_run"],
               "opts": opts, "work_dir": str(work.relative_to(REPO)), **final_metrics(work)}  # fmt: skip
     _write_json(path_out, record)
@@ -242,11 +356,15 @@ def ranked_methods(records: dict[str, list[dict[str, Any]]], key: str = "tune_AP
     """The distilled runs of the equal-steps comparison (or those named in ``among``), best mean ``key`` first:
     by default their AP on the tuning split, so that every choice the protocol makes (which runs get a third seed,
     the long schedule, the derived rows) is taken without looking at the reported val split. Runs not yet scored
-    on the tuning split are left out."""
+    on the tuning split are left out, and so are the rows of another student (:data:`AGAINST_TEACHER`)."""
     means = {
         n: statistics.mean(r[key] for r in rs)
         for n, rs in records.items()
-        if _is_method(n) and rs and (among is None or n in among) and all(key in r for r in rs)
+        if _is_method(n)
+        and n not in AGAINST_TEACHER
+        and rs
+        and (among is None or n in among)
+        and all(key in r for r in rs)
     }
     return sorted(means, key=means.get, reverse=True)
 
@@ -260,7 +378,7 @@ def final_student_weights(record: dict[str, Any]) -> Path:
     """The student's weights after the last epoch of a stored run (``last.pth`` of train.py; for a distillation run
     its ``student.*`` entries, written once to ``student_last.pth``)."""
     work = REPO / record["work_dir"]
-    if not is_distill_recipe(BENCH_CFG / record["recipe"]):
+    if not is_distill_recipe(recipe_path(record["recipe"])):
         return work / "last.pth"
     out = work / "student_last.pth"
     if not out.is_file():
@@ -278,7 +396,7 @@ def score_on_tune(records: dict[str, list[dict[str, Any]]], tag: str) -> None:
             continue
         for r in rs:
             if "tune_AP" not in r and "work_dir" in r:
-                model = "student" if is_distill_recipe(BENCH_CFG / r["recipe"]) else "model"
+                model = "student" if is_distill_recipe(recipe_path(r["recipe"])) else "model"
                 tune_ap(r, record_path(tag, name, r["seed"]), r["recipe"], final_student_weights(r), model)
 
 
@@ -305,7 +423,8 @@ def write_derived_recipe(name: str, addition: str, base: str) -> str:
     distill.update(features=features, head=head)
     text = (f"# Written by benchmarks/accuracy.py: {base} (the best {'feature ' if addition != 'schedule' else ''}"
             f"recipe of the first pass, ranked on the tuning split) + {addition}.\n")  # fmt: skip
-    text += yaml.safe_dump({"_base_": ["../_base_/pair.yaml"], "distill": distill}, sort_keys=False)
+    pair = os.path.relpath(BENCH_CFG / "_base_" / "pair.yaml", DERIVED_DIR)  # ../_base_/pair.yaml
+    text += yaml.safe_dump({"_base_": [pair], "distill": distill}, sort_keys=False)
     DERIVED_DIR.mkdir(parents=True, exist_ok=True)
     (DERIVED_DIR / f"{name}.yaml").write_text(text)
     return f"derived/{name}.yaml"
@@ -323,6 +442,8 @@ def aggregate(records: list[dict[str, Any]], teacher_ap: float, baseline_ap: Opt
         values = [r[key] for r in records]
         out[key] = statistics.mean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    if all("tune_AP" in r for r in records):
+        out["tune_AP"] = statistics.mean(r["tune_AP"] for r in records)
     out["train_time_s"] = statistics.mean(r["train_time_s"] for r in records)
     out["iterations"] = records[0].get("iterations")
     if baseline_ap is not None:
@@ -342,7 +463,9 @@ def wall_time_name(best: str) -> str:
 
 def reference_of(name: str) -> Optional[str]:
     """The baseline a run is compared with: ``long_baseline`` for long runs, ``baseline`` for the equal-steps
-    runs, none for baselines themselves."""
+    runs, none for baselines themselves and for the rows of another student (compared with their teacher)."""
+    if name in AGAINST_TEACHER:
+        return None
     if name.startswith("long_"):
         return None if name == long_name("baseline") else long_name("baseline")
     if name.startswith("baseline"):
@@ -362,10 +485,43 @@ def long_opts(opts: list[str], student_epochs: int) -> list[str]:
     return [*opts, f"train.epochs={LONG_FACTOR * student_epochs}"]
 
 
-def estimate_elapsed_h(plan: list[tuple[int, bool]], step_s: dict[str, float], jobs: int) -> float:
-    """Elapsed hours of ``plan`` (``(steps, distilled)`` per run) at ``step_s`` ("student"/"distill" seconds per step
-    with ``cores / jobs`` threads each), ``jobs`` runs at a time, plus a minute per run for evaluation and start-up."""
-    total = sum(steps * step_s["distill" if distilled else "student"] + 60.0 for steps, distilled in plan)
+def run_kind(name: str) -> str:
+    """A run's cost class (a key of :data:`DEFAULT_STEP_S`): ``student`` for the baselines, :data:`RUN_KIND`'s
+    entry or ``distill`` otherwise; a long-schedule run costs per step what its recipe's row does."""
+    base = name.removeprefix("long_")
+    return "student" if base.startswith("baseline") else RUN_KIND.get(base, "distill")
+
+
+def recipe_steps(recipe: str, opts: tuple[str, ...] = ()) -> int:
+    """The training steps of a recipe (relative to configs/bench) with ``opts``."""
+    cfg = _load_config(recipe_path(recipe), list(opts))
+    return cfg.train.max_iters or cfg.train.epochs * ITERS_PER_EPOCH
+
+
+def protocol_plan(student_steps: int, gap_steps: int, opts=()) -> list[tuple[int, str]]:
+    """``(steps, kind)`` of every student run of the whole protocol, finished or not, for the time estimate: the
+    regime check, every row of :data:`RUNS` (its seeds in full mode, its recipe's steps: the born-again row trains
+    for the teacher's schedule), the third seeds, the derived rows, the wall-time baseline and the long schedule
+    (the distilled ones counted as ``distill`` steps)."""
+    plan = [(gap_steps, "student")] * GAP_SEEDS
+    for name, recipe, full_seeds, _ in RUNS:
+        plan += [(recipe_steps(recipe, tuple(opts)), run_kind(name))] * full_seeds
+    plan += [(student_steps, "distill")] * (TOP_K + sum(seeds for *_, seeds in DERIVED))
+    plan += [(round(student_steps * 1.6), "student")] * WALL_TIME_SEEDS  # a distillation step: ~1.6 student steps
+    plan += [(LONG_FACTOR * student_steps, "student")] * LONG_SEEDS
+    plan += [(LONG_FACTOR * student_steps, "distill")] * LONG_SEEDS * LONG_TOP
+    return plan
+
+
+def estimate_elapsed_h(plan: list[tuple[int, Any]], step_s: dict[str, float], jobs: int) -> float:
+    """Elapsed hours of ``plan`` (``(steps, kind)`` per run; ``kind`` a key of ``step_s``, or a bool: distilled or
+    not) at ``step_s`` (seconds per step with ``cores / jobs`` threads each), ``jobs`` runs at a time, plus a minute
+    per run for evaluation and start-up."""
+
+    def per_step(kind: Any) -> float:
+        return step_s[("distill" if kind else "student") if isinstance(kind, bool) else kind]
+
+    total = sum(steps * per_step(kind) + 60.0 for steps, kind in plan)
     return total / max(jobs, 1) / 3600
 
 
@@ -386,7 +542,7 @@ def tune_ap(record: dict[str, Any], record_file: Path, recipe: str, checkpoint: 
     """The AP of a stored run's final weights on the tuning split; evaluated once and kept in its record."""
     if "tune_AP" not in record:
         out = checkpoint.parent / "tune_eval"
-        cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--cfg", str(BENCH_CFG / recipe), "--ckpt",
+        cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--cfg", str(recipe_path(recipe)), "--ckpt",
                str(checkpoint), "--out", str(out), "--model", model, "--no-progress"]  # fmt: skip
         cmd += ["--opts", *tune_split_opts()]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -418,6 +574,109 @@ def tune_regime_check(teacher: dict[str, Any], teacher_tag: str, gap_records: li
     for r in gap_records:
         tune_ap(r, record_path(tag, GAP_RUN, r["seed"]), r["recipe"], REPO / r["work_dir"] / "last.pth")
     return regime_check(teacher, gap_records, "tune", "tune_AP")
+
+
+def compare_rows(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """``row`` against ``ref`` (aggregated rows, or a teacher's record): the AP difference, the spread (the larger
+    of the two seed standard deviations; a teacher is one run) and whether the difference is beyond it."""
+    delta = row["AP"] - ref["AP"]
+    spread = max(row.get("AP_std", 0.0), ref.get("AP_std", 0.0))
+    out = {
+        "AP": row["AP"],
+        "ref_AP": ref["AP"],
+        "delta_AP": delta,
+        "spread": spread,
+        "beyond_spread": abs(delta) > spread,
+    }
+    if "tune_AP" in row and "tune_AP" in ref:
+        out["tune_delta_AP"] = row["tune_AP"] - ref["tune_AP"]
+    return out
+
+
+def derived_base(name: str) -> Optional[str]:
+    """The run a derived row was built on (from the first line :func:`write_derived_recipe` wrote), or None."""
+    path = DERIVED_DIR / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    first = path.read_text().splitlines()[0]
+    recipe = first.split(": ", 1)[-1].split(" ", 1)[0]
+    return next((n for n, r, *_ in RUNS if r == recipe), None)
+
+
+def issue15_comparisons(runs: dict[str, dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Issue 15's questions, from the aggregated rows (``runs``) and the benchmark teachers' records: the ensemble
+    against the best single teacher (chosen on the tuning split when the rows are scored on it), online against
+    frozen, EMA against the baseline, born-again against its teacher, relation alone and added to the best
+    feature recipe. Only the rows present are compared."""
+    out: dict[str, Any] = {}
+    singles = [n for n in SINGLE_TEACHER_RUNS if n in runs]
+    if singles:
+        best = max(singles, key=lambda n: runs[n].get("tune_AP", runs[n]["AP"]))
+        out["two_teachers"] = {"best_single": best, "rows": {n: compare_rows(runs[n], runs[best])
+                                                               for n in TWO_TEACHER_RUNS if n in runs}}  # fmt: skip
+    out["online"] = {n: {"ref": ref, **compare_rows(runs[n], runs[ref])}
+                     for n, ref in ONLINE_RUNS.items() if n in runs and ref in runs}  # fmt: skip
+    if "ema" in runs and "baseline" in runs:
+        out["ema"] = compare_rows(runs["ema"], runs["baseline"])
+    out["against_teacher"] = {n: {"teacher": tid, **compare_rows(runs[n], teachers[tid])}
+                              for n, tid in AGAINST_TEACHER.items() if n in runs and tid in teachers}  # fmt: skip
+    relation = {}
+    if "relation" in runs and "baseline" in runs:
+        relation["relation"] = {"ref": "baseline", **compare_rows(runs["relation"], runs["baseline"])}
+    base = derived_base("best_feature_relation")
+    if "best_feature_relation" in runs and base in runs:
+        relation["best_feature_relation"] = {"ref": base, **compare_rows(runs["best_feature_relation"], runs[base])}
+    out["relation"] = relation
+    return out
+
+
+def _delta_text(c: dict[str, Any]) -> str:
+    beyond = "beyond" if c["beyond_spread"] else "within"
+    tune = f"; tuning split {100 * c['tune_delta_AP']:+.1f}" if "tune_delta_AP" in c else ""
+    return f"{100 * c['delta_AP']:+.1f} AP ({beyond} the spread, {100 * c['spread']:.1f}{tune})"
+
+
+def issue15_markdown(results: dict[str, Any]) -> list[str]:
+    """The report's lines on the second teacher and issue 15's comparisons (empty while none of their rows ran)."""
+    comp, runs = results.get("issue15") or {}, results["runs"]
+    lines = []
+    for tid, t in (results.get("teachers") or {}).items():
+        if tid == "teacher":
+            continue
+        curve = ", ".join(f"{int(s):,}: {100 * ap:.1f}" for s, ap in t.get("curve", []))
+        tune = f" (tuning split {100 * t['tune_AP']:.1f})" if "tune_AP" in t else ""
+        lines.append(
+            f"- Second teacher {t['recipe']} (`{tid}`): AP {100 * t['AP']:.1f}{tune} after {t['iterations']:,} steps "
+            f"({t['wall_s'] / 60:.0f} min); val AP along the way {curve}; converged: {converged(t.get('curve', []))}."
+        )
+    two = comp.get("two_teachers")
+    if two:
+        singles = ", ".join(f"`{n}` {100 * runs[n]['AP']:.1f} ± {100 * runs[n]['AP_std']:.1f}"
+                            for n in SINGLE_TEACHER_RUNS if n in runs)  # fmt: skip
+        lines.append(f"- Two teachers (FCOS + RetinaNet, PKD; each alone: {singles}; the best single teacher on the "
+                     f"tuning split: `{two['best_single']}`):")  # fmt: skip
+        for n, c in two["rows"].items():
+            lines.append(f"  - `{n}`: {100 * c['AP']:.1f} ± {100 * runs[n]['AP_std']:.1f}, {_delta_text(c)} against "
+                         f"`{two['best_single']}`")  # fmt: skip
+    for n, c in comp.get("online", {}).items():
+        how = "learning from each other, deep mutual learning" if n == "mutual_pkd" else "distillation one-way"
+        lines.append(f"- Online `{n}` (the teacher trained from scratch with the student, {how}) against the frozen "
+                     f"teacher `{c['ref']}`: {_delta_text(c)}.")  # fmt: skip
+    if "ema" in comp:
+        lines.append(f"- EMA self-distillation `ema` against the baseline at equal steps: {_delta_text(comp['ema'])}.")
+    for n, c in comp.get("against_teacher", {}).items():
+        verdict = "passes its teacher" if c["delta_AP"] > 0 else "does not pass its teacher"
+        if c["delta_AP"] > 0 and not c["beyond_spread"]:
+            verdict += " (within the spread)"
+        lines.append(
+            f"- Born-again `{n}` (a student of the teacher's architecture, {runs[n].get('iterations') or 0:,} steps, "
+            f"{len(runs[n]['seeds'])} seeds): AP {100 * c['AP']:.1f} ± {100 * runs[n]['AP_std']:.1f} against its "
+            f"teacher's {100 * c['ref_AP']:.1f} (one run): {_delta_text(c)}; the student **{verdict}**."
+        )
+    for n, c in comp.get("relation", {}).items():
+        lines.append(f"- Relation `{n}` against `{c['ref']}`: {_delta_text(c)}.")
+    head = "Issue 15 (several teachers, teachers that learn; the spread is the larger seed std of the two rows):"
+    return ["", head, "", *lines] if lines else []
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -460,6 +719,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             f"{100 * r['AP_std']:.1f} | {100 * r['AP50']:.1f} ± {100 * r['AP50_std']:.1f} | {100 * r['APs']:.1f} ± "
             f"{100 * r['APs_std']:.1f} | {delta} | {gap} | {r['train_time_s'] / 60:.1f} min |"
         )
+    lines += issue15_markdown(results)
     if results.get("cost"):
         lines += ["", "Cost (`tools/compare.py`, the best run's student):", "", "```", results["cost"]["table"],
                   results["cost"]["headline"], "```"]  # fmt: skip
@@ -469,7 +729,7 @@ def to_markdown(results: dict[str, Any]) -> str:
 def measure_cost(recipe: str, student_ckpt: Optional[str], teacher_ckpt: str, tag: str) -> Optional[dict[str, Any]]:
     """The compression report of the pair (``tools/compare.py``, one thread); None when it fails."""
     out = RESULTS / f"cost_{tag}.json"
-    cmd = [sys.executable, str(REPO / "tools" / "compare.py"), "--cfg", str(BENCH_CFG / recipe), "--teacher-ckpt",
+    cmd = [sys.executable, str(REPO / "tools" / "compare.py"), "--cfg", str(recipe_path(recipe)), "--teacher-ckpt",
            teacher_ckpt, "--threads", "1", "--json", str(out)]  # fmt: skip
     if student_ckpt:
         cmd += ["--ckpt", student_ckpt]
@@ -504,9 +764,14 @@ def main() -> None:
     from detkd.config import load_config
 
     student_epochs = load_config(BENCH_CFG / "student.yaml", opts).train.epochs
-    teacher_cfg = load_config(BENCH_CFG / TEACHER_RECIPE, QUICK_TEACHER_OPTS if args.quick else [])
+    teacher_opts = QUICK_TEACHER_OPTS if args.quick else []
+    teacher_cfg = load_config(BENCH_CFG / TEACHER_RECIPE, teacher_opts)
     teacher_path = RESULTS / "runs" / f"{tag}_teacher.json"
-    teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
+    # the cached benchmark teachers trained so far (id -> record)
+    teachers = {
+        tid: json.loads(p.read_text()) for tid in TEACHERS if (p := RESULTS / "runs" / f"{tag}_{tid}.json").is_file()
+    }
+    teacher = teachers.get("teacher")
 
     # the plan, in order: (phase, name, recipe, seed, opts)
     planned: list[tuple[str, str, str, int, list[str]]] = []
@@ -529,55 +794,82 @@ def main() -> None:
         records.setdefault(record["run"], []).append(record)
 
     def step_times() -> dict[str, float]:
-        """Seconds per step of the stored runs (defaults: measured on this machine, 1 thread each, 2 jobs)."""
-        base = [r["step_s"] for n, rs in records.items() if n.startswith("baseline") for r in rs if "step_s" in r]
-        dist = [r["step_s"] for n, rs in records.items() if _is_method(n) for r in rs if "step_s" in r]
-        return {
-            "student": statistics.median(base) if base else 0.35,
-            "distill": statistics.median(dist) if dist else 0.9,
-        }
+        """Seconds per step of the stored runs, per kind (:func:`run_kind`; defaults: :data:`DEFAULT_STEP_S`)."""
+        measured: dict[str, list[float]] = {}
+        for n, rs in records.items():
+            if n.startswith("baseline") or _is_method(n):
+                measured.setdefault(run_kind(n), []).extend(r["step_s"] for r in rs if "step_s" in r)
+        out = {**DEFAULT_STEP_S, **{kind: statistics.median(v) for kind, v in measured.items() if v}}
+        if teacher and teacher.get("step_s"):  # a benchmark teacher training alone
+            out["teacher"] = teacher["step_s"]
+        return out
 
-    def full_plan() -> list[tuple[int, bool]]:
-        """(steps, distilled) of every run of the whole protocol, finished or not (for the time estimate)."""
-        steps = student_epochs * 200
-        methods = [n for n, *_ in RUNS if n != "baseline"]
-        plan = [(teacher_cfg.train.epochs * 200, False)] * GAP_SEEDS
-        plan += [(steps, False)] * MAX_SEEDS + [(steps, True)] * (2 * len(methods) + TOP_K)
-        plan += [(steps, True)] * sum(seeds for *_, seeds in DERIVED)
-        plan += [(round(steps * 1.6), False)] * WALL_TIME_SEEDS  # a distillation step costs ~1.6 student steps
-        plan += [(LONG_FACTOR * steps, False)] * LONG_SEEDS + [(LONG_FACTOR * steps, True)] * LONG_SEEDS * LONG_TOP
-        return plan
+    def full_plan() -> list[tuple[int, Any]]:
+        return protocol_plan(student_epochs * ITERS_PER_EPOCH, teacher_cfg.train.epochs * ITERS_PER_EPOCH, opts)
+
+    def teacher_hours(tids) -> dict[str, float]:
+        """Estimated hours of the benchmark teachers among ``tids`` not trained yet (each alone)."""
+        st = step_times()
+        out = {}
+        for tid in [t for t in TEACHERS if t in tids]:
+            if tid not in teachers:
+                cfg = load_config(BENCH_CFG / TEACHERS[tid], teacher_opts)
+                out[tid] = cfg.train.epochs * ITERS_PER_EPOCH * st["teacher"] / 3600
+        return out
 
     todo = [p for p in planned if not record_path(tag, p[1], p[3]).is_file()]
+    # the second teachers the runs still to do learn from (the FCOS teacher is always needed)
+    needed = {"teacher"} | teachers_needed(p[2] for p in todo if p[0] == "steps")
     if args.plan:
         print(f"{len(todo)} of {len(planned)} first-pass runs to do (then top-{TOP_K} seeds, wall-time, long runs):")
+        for tid, hours in teacher_hours(needed).items():
+            print(f"  teacher {tid} ({TEACHERS[tid]}, about {hours:.1f} h alone)")
         for phase, name, _, seed, _ in todo:
             print(f"  {phase:6s} {name} seed {seed}")
         st = step_times()
-        teacher_h = 0.0 if teacher else teacher_cfg.train.epochs * 200 * DEFAULT_STEP_S["teacher"] / 3600
-        print(f"estimated elapsed for the whole protocol with --jobs {jobs}: "
-              f"{estimate_elapsed_h(full_plan(), st, jobs) + teacher_h:.1f} h (+ teacher {teacher_h:.1f} h); "
-              f"s/step student {st['student']:.2f}, distill {st['distill']:.2f}")  # fmt: skip
+        teacher_h = sum(teacher_hours(needed).values())
+        students_h = estimate_elapsed_h(full_plan(), st, jobs)
+        per_step = ", ".join(f"{k} {v:.2f}" for k, v in st.items())
+        print(f"estimated elapsed for the whole protocol with --jobs {jobs}: {students_h + teacher_h:.1f} h "
+              f"(+ teachers {teacher_h:.1f} h); s/step {per_step}")  # fmt: skip
         return
 
+    failures: list[str] = []
     if not args.report_only:  # the teacher alone, with every core
-        teacher = ensure_teacher(TEACHER_RECIPE, f"{tag}_teacher", QUICK_TEACHER_OPTS if args.quick else [])
+        teacher = teachers["teacher"] = ensure_teacher(TEACHER_RECIPE, f"{tag}_teacher", teacher_opts)
         if not args.quick:
             ensure_loss_scales(teacher["checkpoint"])
     if teacher is None:
         sys.exit(f"no teacher yet ({teacher_path}): run without --report-only first")
+
+    def ensure_other_teachers() -> None:
+        """Train (alone, every core) the other benchmark teachers the planned runs need, score them on the tuning
+        split; a failed teacher is reported, and only the runs that need it fail."""
+        for tid in sorted(needed - {"teacher"}):
+            per_run, THREADS["per_run"] = THREADS["per_run"], None
+            try:
+                teachers[tid] = ensure_teacher(TEACHERS[tid], f"{tag}_{tid}", teacher_opts)
+                if not args.quick:
+                    tune_ap(teachers[tid], RESULTS / "runs" / f"{tag}_{tid}.json", TEACHERS[tid],
+                            Path(teachers[tid]["checkpoint"]))  # fmt: skip
+            except (RuntimeError, subprocess.CalledProcessError) as err:
+                failures.append(f"teacher {tid}: {err}")
+                print(f"[bench] FAILED teacher {tid}: {err}", flush=True)
+            finally:
+                THREADS["per_run"] = per_run
+
     # the students share the cores
     THREADS["per_run"] = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    failures: list[str] = []
 
     def run_all(batch: list[tuple[str, str, int, list[str]]]) -> None:
         """Run (name, recipe, seed, opts) jobs ``jobs`` at a time; a failed run is reported, the others go on."""
         batch = [b for b in batch if not any(r["seed"] == b[2] for r in records.get(b[0], []))]
         for recipe in {r for _, r, _, _ in batch}:  # imports and config checks in this thread, before the workers
-            is_distill_recipe(BENCH_CFG / recipe)
-            uses_trained_teacher(BENCH_CFG / recipe)
+            is_distill_recipe(recipe_path(recipe))
+            teacher_slots(recipe_path(recipe))
+        checkpoints = {tid: t["checkpoint"] for tid, t in teachers.items()}
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_student, n, r, s, teacher["checkpoint"], o, tag) for n, r, s, o in batch]
+            futures = [pool.submit(run_student, n, r, s, checkpoints, o, tag) for n, r, s, o in batch]
             for (name, _, seed, _), future in zip(batch, futures):
                 try:
                     records.setdefault(name, []).append(future.result())
@@ -598,13 +890,16 @@ def main() -> None:
         if not args.quick and not check["tune"]["valid"] and not args.force:
             print("[bench] the regime check failed on the tuning split; fix the regime (or --force)", flush=True)
         else:
+            ensure_other_teachers()
             run_all([(n, r, s, o) for phase, n, r, s, o in planned if phase == "steps"])
             if not args.only and not args.quick:
                 recipes = {name: recipe for name, recipe, _, _ in RUNS}
                 derived = []
                 best_feature = next(iter(ranked_methods(records, among=FEATURE_RUNS)), None)
-                # the schedule row needs a recipe with a trained teacher (not the EMA self-distillation row)
-                best_any = next(iter(ranked_methods(records, among=[n for n, *_ in RUNS if n != "ema"])), None)
+                # the schedule row carries a recipe's losses onto the benchmark pair: only recipes of that pair (not
+                # EMA, online, other or several teachers)
+                pair_runs = [n for n, r, *_ in RUNS if uses_bench_pair(recipe_path(r))]
+                best_any = next(iter(ranked_methods(records, among=pair_runs)), None)
                 for name, addition, seeds in DERIVED:
                     base = best_any if addition == "schedule" else best_feature
                     if base is not None:
@@ -638,6 +933,8 @@ def main() -> None:
         best_work = REPO / records[ranked[0]][0]["work_dir"] if "work_dir" in records[ranked[0]][0] else None
         ckpt = best_work / "student_best.pth" if best_work else None
         recipe = recipe_of(ranked[0])
+        if not uses_bench_pair(recipe_path(recipe)):  # the cost is the pair's: its student against the FCOS teacher
+            recipe = "pkd.yaml"
         cost = measure_cost(recipe, str(ckpt) if ckpt and ckpt.is_file() else None, teacher["checkpoint"], tag)
     student_s = sum(r["wall_s"] for rs in records.values() for r in rs)
     results = {
@@ -655,8 +952,10 @@ def main() -> None:
             "tag": tag,
         },
         "teacher": teacher,
+        "teachers": teachers,
         "regime": check,
         "runs": runs,
+        "issue15": issue15_comparisons(runs, teachers),
         "cost": cost,
     }
     done_first = sum(1 for p in planned if record_path(tag, p[1], p[3]).is_file())

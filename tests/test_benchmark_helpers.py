@@ -67,23 +67,103 @@ def test_gap_closed_and_spread(accuracy):
 
 
 def test_every_benchmark_recipe_loads(accuracy):
-    for _, recipe, _, _ in accuracy.RUNS:
+    for name, recipe, _, _ in accuracy.RUNS:
         cfg = load_config(BENCH.parent / "configs" / "bench" / recipe)
-        assert cfg.data.synthetic.min_object_size == 16 and cfg.train.epochs == 3
+        assert cfg.data.synthetic.min_object_size == 16
         model = cfg.student or cfg.model
+        if name in accuracy.AGAINST_TEACHER:  # born-again: the teacher's own architecture and schedule
+            teacher = load_config(BENCH.parent / "configs" / "bench" / accuracy.TEACHER_RECIPE)
+            assert cfg.train == teacher.train and cfg.train.epochs == 16
+            assert (model.arch, model.backbone, model.fpn_channels) == ("fcos", "resnet34", 128)
+            continue
+        assert cfg.train.epochs == 3
         assert (model.arch, model.backbone, model.fpn_channels) == ("fcos", "mobilenet_v3_small", 32)
 
 
-def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float, tune_gap_ap: float = None):
-    """A protocol run with fake trainings; the gap run scores ``gap_ap`` on val and ``tune_gap_ap`` (default: the
-    same) on the tuning split, the teacher 0.5 on both."""
-    calls = []
-    ap = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "fgd_logit_kd": 0.30, "fgd": 0.15, "cwd": 0.22}
+def test_the_second_teacher_is_another_family_with_the_first_ones_data_and_schedule(accuracy):
+    cfgs = {tid: load_config(BENCH.parent / "configs" / "bench" / r) for tid, r in accuracy.TEACHERS.items()}
+    first, second = cfgs["teacher"], cfgs["teacher_retina"]
+    assert (second.model.arch, second.model.backbone, second.model.fpn_channels) == ("retinanet", "resnet34", 128)
+    assert first.model.arch == "fcos" and second.data == first.data and second.train == first.train
+    assert second.eval == first.eval
 
-    def fake_run_student(name, recipe, seed, teacher_ckpt, opts, tag):
+
+def test_issue15_rows_share_one_loss_and_the_student_initialisation(accuracy):
+    """The two-teacher rows and each teacher alone: PKD with the same parameters, and all under ``teachers:`` (the
+    teachers are then built under their own seeds: the same student initial weights); online rows use pkd's loss."""
+    from detkd.config import teacher_entries
+
+    def load(name):
+        return load_config(accuracy.recipe_path(accuracy.recipe_of(name)))
+
+    rows = [*accuracy.SINGLE_TEACHER_RUNS, *accuracy.TWO_TEACHER_RUNS]
+    losses = {n: load(n).distill.features for n in rows}
+    assert len({str(v) for v in losses.values()}) == 1 and losses["fcos_pkd"][0].type == "pkd"
+    assert all(load(n).teacher is None and load(n).teachers for n in rows)
+    modes = [load(n).distill.teacher_weighting.mode for n in accuracy.TWO_TEACHER_RUNS]
+    assert modes == ["fixed", "confidence", "adaptive"]
+    for n in accuracy.TWO_TEACHER_RUNS:
+        assert [t.arch for t in load(n).teachers] == ["fcos", "retinanet"]
+    for online, ref in accuracy.ONLINE_RUNS.items():
+        cfg, frozen = load(online), load(ref)
+        [(_, _, teacher, _)] = teacher_entries(cfg)
+        assert teacher.mode == "online" and teacher.checkpoint is None
+        spec = (teacher.arch, teacher.backbone, teacher.fpn_channels)
+        assert spec == (frozen.teacher.arch, frozen.teacher.backbone, frozen.teacher.fpn_channels)
+        assert cfg.distill.features == frozen.distill.features and cfg.train == frozen.train
+    assert load("mutual_pkd").distill.mutual and not load("online_pkd").distill.mutual
+
+
+def test_every_frozen_teacher_gets_the_cached_teacher_of_its_architecture(accuracy):
+    ckpts = {"teacher": "t_fcos.pth", "teacher_retina": "t_retina.pth"}
+
+    def opts(name):
+        return accuracy.training_command(accuracy.recipe_of(name), 1, ckpts, ["train.epochs=1"])
+
+    assert opts("baseline") == ("train.py", ["train.seed=1", "eval.interval=0", "train.epochs=1"])
+    assert opts("pkd")[1][-1] == "teacher.checkpoint=t_fcos.pth"
+    assert opts("born_again")[1][-1] == "teacher.checkpoint=t_fcos.pth"
+    assert opts("retina_pkd")[1][-1] == "teachers.0.checkpoint=t_retina.pth"
+    two = opts("two_teachers_confidence")
+    assert two[0] == "train_distill.py"
+    assert two[1][-2:] == ["teachers.0.checkpoint=t_fcos.pth", "teachers.1.checkpoint=t_retina.pth"]
+    for name in ("ema", "online_pkd", "mutual_pkd"):  # no trained teacher
+        assert not any("checkpoint" in o for o in opts(name)[1])
+    cfg = load_config(accuracy.recipe_path("two_teachers_fixed.yaml"), two[1])  # the --opts address list entries
+    assert [t.checkpoint for t in cfg.teachers] == ["t_fcos.pth", "t_retina.pth"] and cfg.train.seed == 1
+    with pytest.raises(RuntimeError, match="teacher_retina"):  # a teacher not trained yet: the run fails, named
+        accuracy.training_command("retina_pkd.yaml", 0, {"teacher": "t_fcos.pth"}, [])
+
+
+# fake val APs (seed s adds 0.01 s): the top 3 are fgd_logit_kd, logit_kd, cwd; born_again, far above them, is
+# not ranked (another student); the ensemble rows beat (fixed, confidence) or trail (adaptive) the FCOS teacher alone
+FAKE_AP = {"baseline": 0.10, "pkd": 0.20, "logit_kd": 0.25, "fgd_logit_kd": 0.30, "fgd": 0.15, "cwd": 0.22,
+           "fcos_pkd": 0.18, "retina_pkd": 0.16, "two_teachers_fixed": 0.19, "two_teachers_confidence": 0.21,
+           "two_teachers_adaptive": 0.17, "online_pkd": 0.14, "mutual_pkd": 0.16, "born_again": 0.55}  # fmt: skip
+FAKE_TEACHER_AP = {"teacher": 0.5, "teacher_retina": 0.4}
+
+
+class Calls(list):
+    """The student runs ``(name, seed, opts)`` in order; ``events``: the teachers' trainings ``("teacher", tag)``
+    and the runs ``(name, seed)`` in order; ``commands``: each run's recipe, tool and full ``--opts``."""
+
+    def __init__(self):
+        super().__init__()
+        self.events, self.commands = [], {}
+
+
+def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float, tune_gap_ap: float = None, argv=()):
+    """A protocol run with fake trainings; the gap run scores ``gap_ap`` on val and ``tune_gap_ap`` (default: the
+    same) on the tuning split, the teachers :data:`FAKE_TEACHER_AP` on both. Returns :class:`Calls`; the commands
+    are :func:`training_command`'s, so they hold the teachers' checkpoints each run gets."""
+    calls = Calls()
+
+    def fake_run_student(name, recipe, seed, checkpoints, opts, tag):
         calls.append((name, seed, tuple(opts)))
+        calls.events.append((name, seed))
+        calls.commands[(name, seed)] = (recipe, *accuracy.training_command(recipe, seed, checkpoints, opts))
         time_s = 100.0 if name.startswith("baseline") else 150.0
-        value = gap_ap if name == accuracy.GAP_RUN else ap.get(name.removeprefix("long_"), 0.12)
+        value = gap_ap if name == accuracy.GAP_RUN else FAKE_AP.get(name.removeprefix("long_"), 0.12)
         record = {"run": name, "seed": seed, "recipe": recipe, "work_dir": f"work_dirs/{name}",
                   "AP": value + 0.01 * seed, "AP50": 0.3, "APs": 0.05, "step_s": 0.5,
                   "train_time_s": time_s, "iterations": 600, "iters_per_epoch": 200, "wall_s": time_s}  # fmt: skip
@@ -91,14 +171,18 @@ def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float, tune_gap_ap: flo
         return record
 
     def fake_ensure_teacher(recipe, tag, opts):
-        return {"AP": 0.5, "checkpoint": f"{tag}.pth", "wall_s": 1.0, "recipe": recipe, "iterations": 3200,
-                "curve": [[2800, 0.495], [3200, 0.5]]}  # fmt: skip
+        calls.events.append(("teacher", tag))
+        tid = next(t for t, r in accuracy.TEACHERS.items() if r == recipe)
+        record = {"run": tag, "AP": FAKE_TEACHER_AP[tid], "checkpoint": f"{tag}.pth", "wall_s": 1.0,
+                  "recipe": recipe, "iterations": 3200, "curve": [[2800, 0.495], [3200, 0.5]]}  # fmt: skip
+        accuracy._write_json(accuracy.RESULTS / "runs" / f"{tag}.json", record)
+        return record
 
     def fake_tune_ap(record, record_file, recipe, checkpoint, model="model"):
         if record.get("run") == accuracy.GAP_RUN:
             record["tune_AP"] = gap_ap if tune_gap_ap is None else tune_gap_ap
-        else:  # the teacher 0.5; a student run scores its val AP
-            record["tune_AP"] = record["AP"] if "seed" in record else 0.5
+        else:  # a teacher or a student run scores its val AP
+            record["tune_AP"] = record["AP"]
         return record["tune_AP"]
 
     monkeypatch.setattr(accuracy, "run_student", fake_run_student)
@@ -106,12 +190,10 @@ def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float, tune_gap_ap: flo
     monkeypatch.setattr(accuracy, "tune_ap", fake_tune_ap)
     monkeypatch.setattr(accuracy, "final_student_weights", lambda record: tmp_path / "weights.pth")
     monkeypatch.setattr(accuracy, "DERIVED_DIR", tmp_path / "derived")
-    monkeypatch.setattr(accuracy, "is_distill_recipe", lambda path: path.name != "student.yaml")
-    monkeypatch.setattr(accuracy, "uses_trained_teacher", lambda path: path.name != "ema.yaml")
     monkeypatch.setattr(accuracy, "ensure_loss_scales", lambda ckpt: None)
     monkeypatch.setattr(accuracy, "measure_cost", lambda *a: None)
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
-    monkeypatch.setattr(sys, "argv", ["accuracy.py"])
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", *argv])
     accuracy.main()
     return calls
 
@@ -190,3 +272,75 @@ def test_elapsed_estimate_and_convergence(accuracy):
     assert accuracy.converged([[2800, 0.452], [3200, 0.460]]) is True
     assert accuracy.converged([[2800, 0.43], [3200, 0.46]]) is False
     assert accuracy.converged([[3200, 0.46]]) is None
+
+
+def test_issue15_rows_in_the_protocol(accuracy, tmp_path, monkeypatch):
+    calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30)
+    ev = calls.events
+    # the FCOS teacher first, the RetinaNet teacher once the regime check passed and before any row that needs it
+    assert ev[0] == ("teacher", "v2_teacher") and ev.count(("teacher", "v2_teacher_retina")) == 1
+    retina = ev.index(("teacher", "v2_teacher_retina"))
+    assert ev[retina - 2 : retina] == [(accuracy.GAP_RUN, 0), (accuracy.GAP_RUN, 1)]
+    assert ev[retina + 1] == ("baseline", 0)
+    # the new rows run in the first pass, in RUNS order, 2 seeds each
+    new = ["fcos_pkd", "retina_pkd", *accuracy.TWO_TEACHER_RUNS, *accuracy.ONLINE_RUNS, "born_again"]
+    assert [c[:2] for c in calls if c[0] in new] == [(n, s) for s in range(2) for n in new]
+    # which teacher checkpoints each run gets
+    ckpt = {n: [o for o in calls.commands[(n, 0)][2] if "checkpoint=" in o] for n in [*new, "pkd", "ema", "baseline"]}
+    assert ckpt["fcos_pkd"] == ["teachers.0.checkpoint=v2_teacher.pth"]
+    assert ckpt["retina_pkd"] == ["teachers.0.checkpoint=v2_teacher_retina.pth"]
+    for n in accuracy.TWO_TEACHER_RUNS:
+        assert ckpt[n] == ["teachers.0.checkpoint=v2_teacher.pth", "teachers.1.checkpoint=v2_teacher_retina.pth"]
+    assert ckpt["pkd"] == ckpt["born_again"] == ["teacher.checkpoint=v2_teacher.pth"]
+    assert ckpt["online_pkd"] == ckpt["mutual_pkd"] == ckpt["ema"] == ckpt["baseline"] == []
+    # every run's recipe loads with the --opts it was given (derived rows: the recipes written to DERIVED_DIR)
+    for recipe, tool, opts in {(r, t, tuple(o)) for r, t, o in calls.commands.values()}:
+        cfg = load_config(accuracy.recipe_path(recipe), list(opts))
+        assert (tool == "train_distill.py") == bool(cfg.teacher or cfg.teachers)
+        for o in opts:
+            if "checkpoint=" in o:
+                key, path = o.split("=")
+                index = key.split(".")[1] if key.startswith("teachers.") else None
+                teacher = cfg.teachers[int(index)] if index is not None else cfg.teacher
+                assert teacher.checkpoint == path and teacher.mode == "frozen"
+    # born_again (AP 55 > every bench student) is ranked with none of them: no third seed, no long run, no derived row
+    assert not any(c[0] == "born_again" and c[1] == 2 for c in calls) and ("long_born_again", 0) not in ev
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    assert results["teachers"]["teacher_retina"]["tune_AP"] == pytest.approx(0.4)
+    assert "delta_AP" not in results["runs"]["born_again"]  # compared with its teacher, not the bench baseline
+    comp = results["issue15"]
+    two = comp["two_teachers"]
+    assert two["best_single"] == "fcos_pkd"  # 18.5 vs 16.5 on the tuning split
+    assert two["rows"]["two_teachers_confidence"]["delta_AP"] == pytest.approx(0.215 - 0.185)
+    assert two["rows"]["two_teachers_confidence"]["beyond_spread"]
+    assert two["rows"]["two_teachers_adaptive"]["delta_AP"] == pytest.approx(0.175 - 0.185)
+    assert comp["online"]["online_pkd"]["ref"] == "pkd"
+    assert comp["online"]["online_pkd"]["delta_AP"] == pytest.approx(0.145 - 0.205)
+    born = comp["against_teacher"]["born_again"]
+    assert born["delta_AP"] == pytest.approx(0.555 - 0.5) and born["ref_AP"] == 0.5 and born["beyond_spread"]
+    assert comp["ema"]["delta_AP"] == pytest.approx(0.125 - 0.11)  # the baseline has 3 seeds
+    assert comp["relation"]["best_feature_relation"]["ref"] == "cwd"  # the derived row's base, the best feature
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "- Second teacher teacher_retinanet.yaml (`teacher_retina`): AP 40.0 (tuning split 40.0)" in md
+    assert "  - `two_teachers_confidence`: 21.5 ± 0.7, +3.0 AP (beyond the spread" in md
+    assert "Born-again `born_again`" in md and "against its teacher's 50.0 (one run)" in md
+    assert "the student **passes its teacher**" in md
+    assert "Online `online_pkd`" in md and "against the frozen teacher `pkd`: -6.0 AP" in md
+    # rerun: nothing trains, not even the second teacher
+    calls2 = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30)
+    assert calls2 == [] and ("teacher", "v2_teacher_retina") not in calls2.events
+
+
+def test_the_plan_counts_the_new_rows_and_the_second_teacher(accuracy, tmp_path, monkeypatch, capsys):
+    plan = accuracy.protocol_plan(600, 3200)
+    assert plan.count((3200, "born_again")) == 2  # born-again trains for the teacher's schedule
+    assert plan.count((600, "two_teachers")) == 6 and plan.count((600, "online")) == 4
+    assert plan.count((3200, "student")) == accuracy.GAP_SEEDS
+    calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30, argv=["--plan", "--jobs", "2"])
+    assert calls == [] and calls.events == []  # --plan trains nothing
+    out = capsys.readouterr().out
+    assert "teacher teacher (teacher.yaml" in out and "teacher teacher_retina (teacher_retinanet.yaml" in out
+    assert "steps  born_again seed 1" in out and "steps  two_teachers_adaptive seed 0" in out
+    teachers_h = 2 * 16 * 200 * accuracy.DEFAULT_STEP_S["teacher"] / 3600  # two teachers, neither trained
+    hours = accuracy.estimate_elapsed_h(plan, accuracy.DEFAULT_STEP_S, 2) + teachers_h
+    assert f"--jobs 2: {hours:.1f} h (+ teachers {teachers_h:.1f} h)" in out
