@@ -525,26 +525,30 @@ def estimate_elapsed_h(plan: list[tuple[int, Any]], step_s: dict[str, float], jo
     return total / max(jobs, 1) / 3600
 
 
-def tune_split_opts() -> list[str]:
-    """``--opts`` that score a bench recipe on the tuning split (``configs/bench/_base_/tune.yaml``), made on first
-    use (deterministic, like the benchmark data)."""
+def tune_split_opts(tune_cfg: Path = TUNE_CFG) -> list[str]:
+    """``--opts`` that score a recipe on a tuning split (default ``configs/bench/_base_/tune.yaml``, a file with only
+    ``data.synthetic``), made on first use (deterministic, like the benchmark data) under the repository."""
     sys.path.insert(0, str(REPO))
-    from detkd.config import load_config
+    import yaml
+
     from detkd.data.synthetic import ensure_synthetic
 
-    synthetic = load_config(TUNE_CFG).data.synthetic
-    ensure_synthetic(synthetic)
-    root = Path(synthetic.out)
+    knobs = dict(yaml.safe_load(Path(tune_cfg).read_text())["data"]["synthetic"])
+    root = REPO / knobs.pop("out")
+    ensure_synthetic(root, show_progress=False, **knobs)
     return [f"data.val.ann_file={root / 'annotations' / 'val.json'}", f"data.val.img_dir={root / 'images' / 'val'}"]
 
 
-def tune_ap(record: dict[str, Any], record_file: Path, recipe: str, checkpoint: Path, model: str = "model") -> float:
-    """The AP of a stored run's final weights on the tuning split; evaluated once and kept in its record."""
+def tune_ap(
+    record: dict[str, Any], record_file: Path, recipe: str, checkpoint: Path, model: str = "model", tune_cfg=TUNE_CFG
+) -> float:
+    """The AP of a stored run's final weights on the tuning split (``tune_cfg``: its ``data.synthetic``); evaluated
+    once and kept in its record."""
     if "tune_AP" not in record:
         out = checkpoint.parent / "tune_eval"
         cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--cfg", str(recipe_path(recipe)), "--ckpt",
                str(checkpoint), "--out", str(out), "--model", model, "--no-progress"]  # fmt: skip
-        cmd += ["--opts", *tune_split_opts()]
+        cmd += ["--opts", *tune_split_opts(tune_cfg)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         subprocess.run(cmd, check=True, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         record["tune_AP"] = json.loads((out / "metrics.json").read_text())["AP"]

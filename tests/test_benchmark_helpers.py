@@ -344,3 +344,20 @@ def test_the_plan_counts_the_new_rows_and_the_second_teacher(accuracy, tmp_path,
     teachers_h = 2 * 16 * 200 * accuracy.DEFAULT_STEP_S["teacher"] / 3600  # two teachers, neither trained
     hours = accuracy.estimate_elapsed_h(plan, accuracy.DEFAULT_STEP_S, 2) + teachers_h
     assert f"--jobs 2: {hours:.1f} h (+ teachers {teachers_h:.1f} h)" in out
+
+
+def test_the_tuning_split_is_made_from_a_data_synthetic_only_file(accuracy, tmp_path):
+    """tune.yaml holds only ``data.synthetic`` (not a loadable recipe): the split is generated from its knobs."""
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(f"data:\n  synthetic: {{out: {tmp_path / 'split'}, num_train: 1, num_val: 2, size: 32, seed: 1, "
+                   "min_object_size: 8, clutter: 0.5}\n")  # fmt: skip
+    opts = accuracy.tune_split_opts(cfg)
+    assert opts == [f"data.val.ann_file={tmp_path / 'split/annotations/val.json'}",
+                    f"data.val.img_dir={tmp_path / 'split/images/val'}"]  # fmt: skip
+    assert len(json.loads((tmp_path / "split/annotations/val.json").read_text())["images"]) == 2
+    assert json.loads((tmp_path / "split/generator.json").read_text())["seed"] == 1
+    knobs = yaml.safe_load(accuracy.TUNE_CFG.read_text())["data"]["synthetic"]  # the benchmark's own: seed 1
+    assert (
+        knobs["seed"]
+        != yaml.safe_load((accuracy.BENCH_CFG / "_base_/data.yaml").read_text())["data"]["synthetic"]["seed"]
+    )
