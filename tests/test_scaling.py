@@ -131,3 +131,32 @@ def test_train_distill_logs_the_scale_and_knows_the_run_length(tiny_data, tmp_pa
     assert chosen["target_ratio"] == {"pkd": 0.5} and chosen["calibration_iters"] == 2
     teacher = json.loads((Path(tmp_path) / "work_sched" / "teacher_val.json").read_text())
     assert teacher["AP"] == pytest.approx(summary["teacher_ap"])  # for tools/diagnose.py
+
+
+def test_epoch_means_are_kept_per_term_when_distillation_stops_mid_epoch():
+    """A KD schedule's stop_at (or a warm-up from 0) removes the distill/* terms from some steps of an epoch; the
+    epoch mean of each term is over the steps that had it, and the other terms are unaffected."""
+    from detkd.engine.trainer import RunState, train_one_epoch
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0))
+            self.calls = 0
+
+        def forward(self, images, targets):
+            self.calls += 1
+            losses = {"task/cls": self.w * 0 + float(self.calls)}
+            if self.calls <= 2:  # distillation on for the first two steps only
+                losses["distill/mse/p3"] = self.w * 0 + 10.0 * self.calls
+            return losses
+
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    loader = [([torch.zeros(3, 8, 8)], [{}])] * 4
+    means = train_one_epoch(model, opt, loader, torch.device("cpu"), 0, scheduler=sched, state=RunState(),
+                            total_iters=4, log_interval=10)  # fmt: skip
+    assert means["task/cls"] == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert means["distill/mse/p3"] == pytest.approx((10 + 20) / 2)
+    assert means["loss"] == pytest.approx((11 + 22 + 3 + 4) / 4)

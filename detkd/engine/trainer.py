@@ -11,7 +11,8 @@ Under ``torchrun`` the module is wrapped in ``DistributedDataParallel``; only it
 take part (the Distiller holds its frozen teacher outside them, so no teacher buffer is broadcast), and
 ``find_unused_parameters`` is off unless the recipe sets ``train.find_unused_parameters``. The loss terms of a step
 are stacked into one tensor, averaged over the processes, and read to the host once (:func:`reduce_loss_terms`):
-that one read serves the non-finite check, the progress bar and the log; epoch sums stay on the device.
+that one read serves the non-finite check, the progress bar, the log and the epoch means (kept per term name: the
+set of terms may change within an epoch, e.g. when a KD schedule's ``stop_at`` switches distillation off).
 """
 
 from __future__ import annotations
@@ -259,8 +260,8 @@ def train_one_epoch(
     over the processes. ``state.iteration`` counts the steps; ``callbacks`` get ``(iteration, loss values)``."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    sums: Optional[torch.Tensor] = None
-    count = 0
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     bar = tqdm(data_loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
     for images, targets in bar:
         if state.iteration >= total_iters:
@@ -289,8 +290,9 @@ def train_one_epoch(
         scheduler.step()
         state.iteration += 1
 
-        sums = terms if sums is None else sums + terms
-        count += 1
+        for k, v in values.items():  # by name: a term may be absent from some steps (a KD schedule's off phase)
+            sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
         lr = optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
         if state.iteration % log_interval == 0 or state.iteration == 1:
@@ -307,9 +309,7 @@ def train_one_epoch(
             )
         for callback in callbacks:
             callback(state.iteration, values)
-    if sums is None:
-        return {}
-    return {k: v / count for k, v in zip(values, sums.tolist())}
+    return {k: v / counts[k] for k, v in sums.items()}
 
 
 class Trainer:
