@@ -361,3 +361,33 @@ def test_the_tuning_split_is_made_from_a_data_synthetic_only_file(accuracy, tmp_
         knobs["seed"]
         != yaml.safe_load((accuracy.BENCH_CFG / "_base_/data.yaml").read_text())["data"]["synthetic"]["seed"]
     )
+
+
+def test_the_comparisons_start_from_the_same_student_weights(accuracy, tmp_path):
+    """Each teacher alone and the two-teacher rows start from the baseline's weights (one-entry ``teachers:``
+    lists); online_pkd from those of pkd, its frozen counterpart (both build the same teacher before the student)."""
+    import torch
+
+    from detkd.distiller import build_distiller_from_cfg
+    from detkd.engine.checkpoint import save_checkpoint
+    from detkd.engine.trainer import seed_everything
+    from detkd.models.build import build_detector_from_cfg
+
+    ckpts = {}
+    for tid, recipe in accuracy.TEACHERS.items():  # untrained teachers of the two architectures
+        ckpts[tid] = str(tmp_path / f"{tid}.pth")
+        model = build_detector_from_cfg(load_config(accuracy.recipe_path(recipe)).model, 9)
+        save_checkpoint({"model": model.state_dict()}, ckpts[tid])
+
+    def student(name):
+        path = accuracy.recipe_path(accuracy.recipe_of(name))
+        seed_everything(0)
+        return build_distiller_from_cfg(load_config(path, accuracy.checkpoint_opts(path, ckpts)), 9).student
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    seed_everything(0)
+    baseline = build_detector_from_cfg(load_config(accuracy.recipe_path("student.yaml")).model, 9)
+    assert all(same(student(n), baseline) for n in ["fcos_pkd", "retina_pkd", "two_teachers_confidence"])
+    assert same(student("online_pkd"), student("pkd"))
