@@ -5,7 +5,8 @@ that many per image, foreground first (``detkd.losses.head.ROI_KD_MAX_ROIS``, 12
 measures the accuracy side of that choice on a Faster R-CNN pair small enough for this CPU:
 
 - data: the quickstart-style synthetic set pinned in ``configs/bench/roi_budget/_base_/data.yaml`` (800 train / 200
-  val at 128 px, objects from 32 px; generated on first use in ``data/roi_budget``, deterministic);
+  val at 128 px, the quickstart preset's knobs at that size: objects from 32 px, a quarter of the default clutter;
+  generated on first use in ``data/roi_budget``, deterministic);
 - teacher: ``configs/bench/roi_budget/teacher.yaml``, Faster R-CNN R34-FPN64 from scratch, 800 steps, a learning curve
   every 200; trained once and cached (``work_dirs/bench/roi_budget_teacher``), scored on val and the tuning split;
 - student: Faster R-CNN R18-FPN32 from scratch, 400 steps, the same initialisation for every row (same seed);

@@ -34,7 +34,8 @@ def test_recipes_a_small_faster_rcnn_pair_on_quickstart_style_data_rows_differ_o
     assert teacher.train.epochs * roi.ITERS_PER_EPOCH == 800 and teacher.eval.interval == 2  # a learning curve
     quickstart = load_config(BENCH.parent / "configs" / "_base_" / "quickstart_data.yaml").data
     data = teacher.data
-    assert (data.synthetic.min_object_size, data.synthetic.clutter) == (32, 0.25)  # the quickstart preset
+    # the quickstart preset's knobs at 128 px: objects from a quarter of the image side, a quarter of the clutter
+    assert (data.synthetic.size, data.synthetic.min_object_size, data.synthetic.clutter) == (128, 32, 0.25)
     assert data.synthetic.num_train == roi.ITERS_PER_EPOCH * data.batch_size and data.synthetic.out == "data/roi_budget"
     assert data.transforms == quickstart.transforms and data.batch_size == quickstart.batch_size
     tune = data.synthetic  # the tuning split: the knobs of the reported data, another generator seed and folder
