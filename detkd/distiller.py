@@ -982,8 +982,9 @@ def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
 def build_distiller_from_cfg(cfg, num_classes: int, cat_id_to_label: Optional[dict[int, int]] = None) -> Distiller:
     """Teachers (loaded from their checkpoints), student (per ``student.init``), losses and adapters from a recipe.
 
-    With ``teachers:`` each teacher is built under its own random seed (``train.seed + 1000 + k``) with the global
-    generator restored after, so the student's initialisation does not depend on how many teachers there are."""
+    Each teacher (``teacher:`` or every entry of ``teachers:``) is built under its own random seed
+    (``train.seed + 1000 + k``) with the global generator restored after, so the student's initialisation does not
+    depend on the teachers: it equals the baseline's (``tools/train.py`` on the student alone, same seed)."""
     from detkd.config import teacher_entries
     from detkd.losses import FEATURE_LOSSES, HEAD_LOSSES, build_feature_loss
     from detkd.models.build import build_detector_from_cfg
@@ -998,14 +999,13 @@ def build_distiller_from_cfg(cfg, num_classes: int, cat_id_to_label: Optional[di
                 f"checkpoint (or {key}.train_if_missing: <teacher recipe>)."
             )
     named = bool(cfg.teachers)
-    if named:
-        teachers = []
-        for k, (_, _, t_cfg, _) in enumerate(entries):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.train.seed + 1000 + k)
-                teachers.append(build_detector_from_cfg(t_cfg, num_classes))
-    else:
-        teachers = [build_detector_from_cfg(cfg.teacher, num_classes)]
+    teachers = []
+    for k, (_, _, t_cfg, _) in enumerate(entries):
+        # the global generator is left as it was, so the student starts from exactly the weights ``tools/train.py``
+        # gives the same detector under the same seed (the baseline's), whatever the teachers are
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed + 1000 + k)
+            teachers.append(build_detector_from_cfg(t_cfg, num_classes))
     student_cfg = cfg.student
     if student_cfg.init == "checkpoint" and student_cfg.checkpoint is None:
         raise ValueError(f"recipe '{cfg.name}': student.init is 'checkpoint' but student.checkpoint is not set.")

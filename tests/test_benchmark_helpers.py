@@ -389,5 +389,5 @@ def test_the_comparisons_start_from_the_same_student_weights(accuracy, tmp_path)
 
     seed_everything(0)
     baseline = build_detector_from_cfg(load_config(accuracy.recipe_path("student.yaml")).model, 9)
-    assert all(same(student(n), baseline) for n in ["fcos_pkd", "retina_pkd", "two_teachers_confidence"])
+    assert all(same(student(n), baseline) for n in ["pkd", "fcos_pkd", "retina_pkd", "two_teachers_confidence"])
     assert same(student("online_pkd"), student("pkd"))
