@@ -46,6 +46,17 @@ def tiny_model(arch: str = "retinanet", backbone: str = "resnet18", fpn_channels
     return {"arch": arch, "backbone": backbone, "fpn_channels": fpn_channels, "min_size": 64, "max_size": 64}
 
 
+def two_image_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Two 64 px noise images (one 48 px tall, so padding is exercised) with three hand-made GT boxes."""
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [33.0, 20.0, 60.0, 44.0]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.tensor([[10.0, 8.0, 50.0, 40.0]]), "labels": torch.tensor([2])},
+    ]
+    return images, targets
+
+
 def tiny_recipe(tiny_data: dict, tmp_path: Path, name: str = "tiny", **sections) -> Path:
     """Write a complete tiny recipe (batch 4, 64 px, 2 epochs, eval every epoch) with ``sections`` merged in."""
     recipe = {

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_recipe
+from conftest import tiny_model, tiny_recipe, two_image_batch
 
 from detkd.config import ConfigError, config_from_dict, load_config
 from detkd.distiller import Distiller, LossSpec, TeacherSpec
@@ -37,16 +37,6 @@ def detector(arch: str, fpn: int, seed: int, norm: str = "bn"):
     return build_detector(arch, "resnet18", NUM_CLASSES, fpn_channels=fpn, min_size=64, max_size=64, norm=norm)
 
 
-def batch():
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [33.0, 20.0, 60.0, 44.0]]), "labels": torch.tensor([1, 3])},
-        {"boxes": torch.tensor([[10.0, 8.0, 50.0, 40.0]]), "labels": torch.tensor([2])},
-    ]
-    return images, targets
-
-
 def two_teachers(norm: str = "bn") -> list[TeacherSpec]:
     """A RetinaNet (FPN 32) and an FCOS (FPN 24) teacher: different families and widths."""
     return [
@@ -73,7 +63,7 @@ EXPECTED_TERMS = {f"distill/mse/{t}/{lvl}" for t in ("retina", "fcos") for lvl i
 @pytest.mark.parametrize("mode", ["fixed", "confidence", "adaptive"])
 def test_two_heterogeneous_teachers_train_two_steps_in_each_weighting_mode(mode):
     d = make(mode)
-    images, targets = batch()
+    images, targets = two_image_batch()
     if mode == "adaptive":
         d.set_holdout(images[:1], targets[:1])
     frozen = {s.name: {k: v.clone() for k, v in s.model.state_dict().items()} for s in d.slots}
@@ -107,7 +97,7 @@ def test_two_heterogeneous_teachers_train_two_steps_in_each_weighting_mode(mode)
 def test_confidence_weights_are_the_softmax_of_each_teachers_own_loss_per_image():
     # frozen BatchNorm: each teacher's training-mode loss on one image alone is computed by the teacher itself
     d = make("confidence", norm="frozen_bn")
-    images, targets = batch()
+    images, targets = two_image_batch()
     records, _ = d.record_teachers(images, targets)
     weights = d.teacher_weights(records)
     temperature = 0.5
@@ -199,7 +189,7 @@ def test_pseudo_labels_of_two_teachers_are_fused_before_the_filter():
     seen = []
     original = pl.make_targets
     pl.make_targets = lambda dets, targets: (seen.append(dets), original(dets, targets))[1]
-    images, targets = batch()
+    images, targets = two_image_batch()
     d(images, targets)
     singles = [d._teacher_detections(images, slot)[0] for slot in d.slots]
     assert len(seen) == 1 and len(seen[0]) == 2
@@ -309,7 +299,7 @@ def test_a_loss_may_select_its_teachers(tmp_path):
     feats = [LossSpec("mse", build_feature_loss("mse"), 1.0, ("p3",), teachers=("fcos",)),
              LossSpec("pkd", build_feature_loss("pkd"), 1.0, ("p4",))]  # fmt: skip
     d = Distiller(two_teachers(), detector("retinanet", 16, 2), feats, probe_size=64).train()
-    losses = d(*batch())
+    losses = d(*two_image_batch())
     terms = {k for k in losses if k.startswith("distill/")}
     assert terms == {"distill/mse/fcos/p3", "distill/pkd/retina/p4", "distill/pkd/fcos/p4"}
     unknown = [LossSpec("mse", build_feature_loss("mse"), 1.0, ("p3",), teachers=("x",))]

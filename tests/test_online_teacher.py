@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_recipe
+from conftest import tiny_model, tiny_recipe, two_image_batch
 
 from detkd.config import config_from_dict, load_config
 from detkd.distiller import Distiller, LossSpec, TeacherSpec
@@ -23,16 +23,6 @@ NUM_CLASSES = 4
 def detector(arch: str, fpn: int, seed: int):
     torch.manual_seed(seed)
     return build_detector(arch, "resnet18", NUM_CLASSES, fpn_channels=fpn, min_size=64, max_size=64)
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [33.0, 20.0, 60.0, 44.0]]), "labels": torch.tensor([1, 3])},
-        {"boxes": torch.tensor([[10.0, 8.0, 50.0, 40.0]]), "labels": torch.tensor([2])},
-    ]
-    return images, targets
 
 
 def make(mutual: bool) -> Distiller:
@@ -57,7 +47,7 @@ def test_distillation_reaches_the_online_teacher_only_in_mutual_learning(mutual)
     online = d.slots[0].model
     assert online.training and d.slots[1].model.training is False
     assert any(m.training for m in online.modules() if isinstance(m, torch.nn.BatchNorm2d))  # BN in train mode
-    losses = d(*batch())
+    losses = d(*two_image_batch())
     assert {"teacher_task/online/classification", "teacher_task/online/bbox_regression"} <= set(losses)
     assert {"distill/mse/online/p3", "distill/mse/frozen/p3", "distill/cross_kd/online/cls"} <= set(losses)
     distill = sum(v for k, v in losses.items() if k.startswith("distill/"))
@@ -90,7 +80,7 @@ def test_the_online_teacher_learns_and_the_frozen_one_does_not():
     assert not any(id(p) in groups for p in frozen.parameters())
     before = {s.name: {k: v.clone() for k, v in s.model.state_dict().items()} for s in d.slots}
     for _ in range(2):
-        losses = d(*batch())
+        losses = d(*two_image_batch())
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
