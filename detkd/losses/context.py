@@ -350,6 +350,11 @@ def _rows(flat: Optional[Tensor], counts: Sequence[int], index: int) -> Optional
     return flat[start : start + counts[index]]
 
 
+def _levels_of_one(levels: Optional[list[Tensor]], index: int) -> Optional[list[Tensor]]:
+    """Image ``index`` of a per-level list of batched maps (e.g. RPN objectness), or None."""
+    return None if levels is None else [level[index : index + 1] for level in levels]
+
+
 def _batch_of_one(mapping: Any, index: int) -> Any:
     return None if mapping is None else {k: v[index : index + 1] for k, v in mapping.items()}
 
@@ -376,7 +381,7 @@ def _image_of_student(record: Any, index: int) -> Any:
         image_shapes=_one(record.image_shapes, index),
         roi_logits=_rows(record.roi_logits, counts, index),
         roi_deltas=_rows(record.roi_deltas, counts, index),
-        rpn_objectness=None if record.rpn_objectness is None else [o[index : index + 1] for o in record.rpn_objectness],
+        rpn_objectness=_levels_of_one(record.rpn_objectness, index),
         roi_labels=_rows(record.roi_labels, counts, index),
         roi_keep=_one(record.roi_keep, index),
     )
@@ -395,7 +400,7 @@ def _image_of_teacher(record: Any, student: Any, index: int) -> Any:
         head=_batch_of_one(record.head, index),
         roi_logits=_rows(record.roi_logits, counts, index),
         roi_deltas=_rows(record.roi_deltas, counts, index),
-        rpn_objectness=None if record.rpn_objectness is None else [o[index : index + 1] for o in record.rpn_objectness],
+        rpn_objectness=_levels_of_one(record.rpn_objectness, index),
         detections=_one(record.detections, index),
     )
 
