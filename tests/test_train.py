@@ -15,7 +15,8 @@ from conftest import REPO, run_tool, tiny_model, tiny_recipe
 from detkd.config import load_config
 from detkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from detkd.engine.runner import train_detector
-from detkd.engine.trainer import check_finite, lr_factor
+from detkd.config import config_from_dict
+from detkd.engine.trainer import build_optimizer, can_fuse, check_finite, lr_factor
 
 
 def test_lr_schedule_warmup_step_and_cosine(tmp_path, tiny_data):
@@ -35,6 +36,36 @@ def test_lr_schedule_warmup_step_and_cosine(tmp_path, tiny_data):
     assert lr_factor(cos, 0, 5, 20) == pytest.approx(1.0)
     assert lr_factor(cos, 10, 5, 20) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(cos, 20, 5, 20) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_the_fused_optimizer_takes_the_textbook_step(kind):
+    """build_optimizer uses torch's fused kernels on the CPU; one step must equal the update written out by hand
+    (AdamW: decoupled decay, bias-corrected moments; SGD: momentum buffer = grad on the first step)."""
+    lr, wd, betas, eps = 0.1, 0.05, (0.9, 0.999), 1e-8
+    net = torch.nn.Linear(3, 2)
+    data = {"train": {"ann_file": "x", "img_dir": "y"}, "val": {"ann_file": "x", "img_dir": "y"}}
+    optim = {"type": kind, "lr": lr, "weight_decay": wd, "betas": list(betas), "momentum": 0.9}
+    cfg = config_from_dict({"data": data, "train": {"optimizer": optim}})
+    optimizer = build_optimizer(cfg, net)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    w0, b0 = net.weight.detach().clone(), net.bias.detach().clone()
+    net(torch.arange(6.0).reshape(2, 3)).square().sum().backward()
+    gw, gb = net.weight.grad.clone(), net.bias.grad.clone()
+    optimizer.step()
+    if kind == "adamw":  # first step: m_hat = g, v_hat = g^2, so the update is g / (|g| + eps)
+        want_w = w0 * (1 - lr * wd) - lr * gw / (gw.abs() + eps)
+        want_b = b0 - lr * gb / (gb.abs() + eps)  # biases: no weight decay
+    else:  # weight decay is added to the gradient; biases have none
+        want_w, want_b = w0 - lr * (gw + wd * w0), b0 - lr * gb
+    torch.testing.assert_close(net.weight.detach(), want_w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(net.bias.detach(), want_b, rtol=1e-6, atol=1e-6)
+
+
+def test_fusing_needs_one_cpu_or_cuda_device_and_float_parameters():
+    assert can_fuse([torch.zeros(2), torch.zeros(3)])
+    assert not can_fuse([torch.zeros(2), torch.zeros(2, device="meta")])
+    assert not can_fuse([torch.zeros(2, dtype=torch.int64)])
 
 
 def test_non_finite_loss_names_every_term():
