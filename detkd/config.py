@@ -1,6 +1,6 @@
 """YAML recipes -> validated, frozen dataclasses.
 
-A recipe is a YAML file read with ``yaml.safe_load``. Its optional ``_base_`` key names one file or a list of
+A recipe is a YAML file read with ``yaml.safe_load`` (plus YAML 1.2's floats: ``1e-3`` is a number, not a string). Its optional ``_base_`` key names one file or a list of
 files (paths relative to the recipe) that are merged in order before the recipe itself; the later file wins, and
 nested mappings merge key by key (lists and scalars are replaced whole). Command-line overrides
 (``--opts train.epochs=2 data.batch_size=4``) are applied last; each value is parsed as a YAML scalar or list.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -300,13 +301,31 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats. PyYAML follows YAML 1.1, where a float needs a dot and a
+    signed exponent, so ``lr: 2e-3`` or ``--opts train.optimizer.lr=1e-4`` would be the *string* ``'2e-3'``."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text_or_file: Any) -> Any:
+    """Parse recipe YAML (a string or an open file) with :class:`RecipeLoader`."""
+    return yaml.load(text_or_file, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+
+
 def _read_yaml(path: Path, included_from: Optional[Path]) -> dict:
     if not path.is_file():
         where = f" (named in _base_ of {included_from})" if included_from else ""
         raise ConfigError(f"config file {path} does not exist{where}.")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:
@@ -360,7 +379,7 @@ def parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"{OPTS_SOURCE}: '{item}' is not of the form dotted.key=value.")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"{OPTS_SOURCE}: the value of '{key}' is not valid YAML: {err}") from err
         parsed.append((key.strip(), value))

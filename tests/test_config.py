@@ -71,6 +71,18 @@ def test_opts_override_with_yaml_values(recipe):
     assert cfg.train.grad_clip == 1.0 and isinstance(cfg.train.grad_clip, float)
 
 
+def test_exponent_floats_without_a_dot_are_numbers_in_files_and_opts(recipe, tmp_path):
+    """YAML 1.1 (PyYAML's default) reads ``2e-3`` as a string; recipes follow YAML 1.2, where it is a float."""
+    assert parse_opts(["a=2e-3", "b=1E5", "c=-.5e1", "d=1.0e-4", "e=2e", "f=.e1"]) == [
+        ("a", 0.002), ("b", 100000.0), ("c", -5.0), ("d", 0.0001), ("e", "2e"), ("f", ".e1")
+    ]  # fmt: skip
+    assert load_config(recipe, ["train.optimizer.lr=2e-3"]).train.optimizer.lr == 0.002
+    child = tmp_path / "child.yaml"
+    child.write_text(f"_base_: {recipe}\ntrain: {{optimizer: {{lr: 3e-4}}}}\n")
+    assert load_config(child).train.optimizer.lr == 0.0003
+    assert yaml.safe_load("lr: 2e-3") == {"lr": "2e-3"}  # the loader's own rule, unchanged for other users
+
+
 def test_parse_opts_rejects_malformed():
     assert parse_opts(["a.b=[1, 2]", "c=null"]) == [("a.b", [1, 2]), ("c", None)]
     with pytest.raises(ConfigError, match="dotted.key=value"):
