@@ -240,7 +240,7 @@ class TrainCfg:
     warmup_iters: int = 100
     warmup_factor: float = 0.001
     grad_clip: Optional[float] = None  # max global L2 norm of the gradients
-    amp: bool = False  # mixed precision; only on CUDA
+    amp: bool = False  # mixed precision: float16 + grad scaler on CUDA, bfloat16 autocast on the CPU
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_iters: Optional[int] = None  # stop after this many iterations in total (smoke runs, benchmarks)
