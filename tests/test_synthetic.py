@@ -262,3 +262,24 @@ def test_presets_name_knob_settings_and_the_tool_applies_them(tmp_path: Path) ->
     # the same preset gives the same bytes as the knobs given by hand
     render_a = render_sample(0, "val", 0, 32, **preset_knobs("bench")).image
     np.testing.assert_array_equal(render_a, render_sample(0, "val", 0, 32, min_object_size=16, clutter=0.5).image)
+
+
+def test_a_val_set_made_with_other_image_settings_is_flagged(tmp_path, caplog):
+    """A stale tuning split (other size / object sizes than the train set) is named in a warning, with the knobs."""
+    from detkd.config import config_from_dict
+    from detkd.data.build import ensure_data, synthetic_mismatch
+
+    a = ensure_synthetic(tmp_path / "a", 2, 2, size=64, seed=0, show_progress=False, min_object_size=16)
+    same = ensure_synthetic(tmp_path / "same", 2, 2, size=64, seed=1, show_progress=False, min_object_size=16)
+    other = ensure_synthetic(tmp_path / "other", 2, 2, size=96, seed=1, show_progress=False, min_object_size=16)
+
+    def cfg(val):
+        return config_from_dict({"data": {"train": a["train"], "val": val["val"]}})
+
+    assert synthetic_mismatch(cfg(same).data) is None  # another seed of the same settings: a proper tuning split
+    message = synthetic_mismatch(cfg(other).data)
+    assert str(tmp_path / "other" / "images" / "val") in message and "size 64 vs 96" in message
+    assert "min_object_size" not in message  # only the settings that differ
+    with caplog.at_level("WARNING", logger="detkd"):
+        ensure_data(cfg(other).data, show_progress=False)
+    assert "another distribution" in caplog.text

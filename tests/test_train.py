@@ -16,7 +16,15 @@ from detkd.config import load_config
 from detkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from detkd.engine.runner import train_detector
 from detkd.config import config_from_dict
-from detkd.engine.trainer import build_optimizer, can_fuse, check_finite, lr_factor
+from detkd.engine.trainer import (
+    RunState,
+    autocast_dtype_for,
+    build_optimizer,
+    can_fuse,
+    check_finite,
+    lr_factor,
+    train_one_epoch,
+)
 
 
 def test_lr_schedule_warmup_step_and_cosine(tmp_path, tiny_data):
@@ -66,6 +74,38 @@ def test_fusing_needs_one_cpu_or_cuda_device_and_float_parameters():
     assert can_fuse([torch.zeros(2), torch.zeros(3)])
     assert not can_fuse([torch.zeros(2), torch.zeros(2, device="meta")])
     assert not can_fuse([torch.zeros(2, dtype=torch.int64)])
+
+
+def test_amp_on_the_cpu_is_bfloat16_autocast_without_a_scaler():
+    assert autocast_dtype_for(False, torch.device("cpu")) is None
+    assert autocast_dtype_for(True, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype_for(True, torch.device("cuda")) == torch.float16
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 1)
+            self.dtypes = []
+
+        def forward(self, images, targets):
+            out = self.linear(torch.stack(images).flatten(1)[:, :2])
+            self.dtypes.append(out.dtype)
+            return {"loss_a": out.float().square().mean()}
+
+    def one_epoch(dtype):
+        model = Probe()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        batches = [([torch.ones(1, 1, 2)], [{}])] * 2
+        means = train_one_epoch(model, optimizer, batches, torch.device("cpu"), 0, scheduler=scheduler,
+                                state=RunState(), total_iters=2, log_interval=1, autocast_dtype=dtype)  # fmt: skip
+        return model, means
+
+    model, means = one_epoch(torch.bfloat16)
+    assert model.dtypes == [torch.bfloat16, torch.bfloat16]
+    assert model.linear.weight.dtype == torch.float32  # the weights (and the optimizer's update) stay float32
+    assert math.isfinite(means["loss"])
+    assert one_epoch(None)[0].dtypes == [torch.float32, torch.float32]
 
 
 def test_non_finite_loss_names_every_term():
