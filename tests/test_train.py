@@ -12,10 +12,9 @@ import pytest
 import torch
 from conftest import REPO, run_tool, tiny_model, tiny_recipe
 
-from detkd.config import load_config
+from detkd.config import config_from_dict, load_config
 from detkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from detkd.engine.runner import train_detector
-from detkd.config import config_from_dict
 from detkd.engine.trainer import (
     RunState,
     autocast_dtype_for,
