@@ -1,7 +1,8 @@
 """YAML recipes -> validated, frozen dataclasses.
 
 A recipe is a YAML file read with ``yaml.safe_load`` (plus YAML 1.2's floats: ``1e-3`` is a number, not a
-string). Its optional ``_base_`` key names one file or a list of files (paths relative to the recipe) that are merged in order before the recipe itself; the later file wins, and
+string). Its optional ``_base_`` key names one file or a list of files (paths relative to the recipe) that are
+merged in order before the recipe itself; the later file wins, and
 nested mappings merge key by key (lists and scalars are replaced whole). Command-line overrides
 (``--opts train.epochs=2 data.batch_size=4``) are applied last; each value is parsed as a YAML scalar or list.
 
