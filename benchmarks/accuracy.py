@@ -119,7 +119,7 @@ KD_SCHEDULE = {"warmup_iters": 50, "decay": "cosine", "final_ratio": 0.1}  # fix
 DERIVED_DIR = BENCH_CFG / "derived"
 TAG = {"full": "v2", "quick": "v2quick"}  # run records of the first regime (RetinaNet R50 -> R18) are full_*/quick_*
 TEACHER_RECIPE = "teacher.yaml"
-# The cached benchmark teachers: id -> recipe. Each is trained once into work_dirs/bench/<tag>_<id>/ (record
+# The cached benchmark teachers: id -> recipe. Each is trained once into <--teacher-dir>/<tag>_<id>/ (record
 # results/runs/<tag>_<id>.json; an id must not contain "_s", or the glob of the run records would match it); a
 # recipe's frozen teacher gets the checkpoint of the one of its architecture.
 TEACHERS: dict[str, str] = {"teacher": TEACHER_RECIPE, "teacher_retina": "teacher_retinanet.yaml"}
@@ -154,6 +154,9 @@ ITERS_PER_EPOCH = 200  # 1,600 training images, batch 8
 QUICK_TEACHER_OPTS = ["train.epochs=3", "eval.interval=1"]  # 600 teacher steps
 QUICK_STUDENT_OPTS = ["train.epochs=1"]  # 200 student steps
 THREADS = {"per_run": None}  # set from --jobs in main()
+# Where the cached benchmark teachers are trained and kept (set from --teacher-dir in main()); the students' work
+# dirs stay in work_dirs/bench.
+TEACHER_DIR = {"root": REPO / "work_dirs" / "bench"}
 
 
 def run_tool(
@@ -205,17 +208,32 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
     """Train (once) and cache a teacher; returns its record (AP, curve, wall time, checkpoint path)."""
     record_path = RESULTS / "runs" / f"{tag}.json"
     if record_path.is_file():
-        return json.loads(record_path.read_text())
-    work = REPO / "work_dirs" / "bench" / tag
+        record = json.loads(record_path.read_text())
+        if not (REPO / record["checkpoint"]).is_file():
+            # retraining silently would leave the finished student rows taught by another teacher
+            raise RuntimeError(
+                f"{record_path}: the cached teacher's checkpoint {record['checkpoint']} is missing. Restore it, or "
+                f"move this record and the student records trained against it aside to train the teacher again "
+                f"(--teacher-dir sets where teachers are kept)."
+            )
+        return record
+    work = TEACHER_DIR["root"] / tag
     print(f"[bench] training teacher {recipe} -> {work}", flush=True)
     resume = (work / "last.pth").is_file()  # an interrupted teacher goes on (run_tool resumes it)
     wall = run_tool("train.py", BENCH_CFG / recipe, work, opts, work / "stdout.log")
     metrics = final_metrics(work)
-    record = {"run": tag, "recipe": recipe, "wall_s": wall, "checkpoint": str(work / "last_weights.pth"), **metrics,
+    record = {"run": tag, "recipe": recipe, "wall_s": wall, "checkpoint": _repo_relative(work / "last_weights.pth"),
+              **metrics,
               "threads": THREADS["per_run"] or os.cpu_count(), "resumed": resume}  # fmt: skip
     _export_last_weights(work)
     _write_json(record_path, record)
     return record
+
+
+def _repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (records stay valid in another clone), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _export_last_weights(work: Path) -> None:
@@ -758,7 +776,13 @@ def main() -> None:
     )
     parser.add_argument("--plan", action="store_true", help="print the runs still to do and the estimated time")
     parser.add_argument("--force", action="store_true", help="go on even when the regime check fails")
+    parser.add_argument(
+        "--teacher-dir", type=Path, default=TEACHER_DIR["root"],
+        help="where the cached teachers are trained and kept (default work_dirs/bench; a relative path is relative "
+        "to the repository)",
+    )  # fmt: skip
     args = parser.parse_args()
+    TEACHER_DIR["root"] = args.teacher_dir if args.teacher_dir.is_absolute() else REPO / args.teacher_dir
     mode = "quick" if args.quick else "full"
     tag = TAG[mode]
     opts = QUICK_STUDENT_OPTS if args.quick else []
@@ -840,7 +864,10 @@ def main() -> None:
 
     failures: list[str] = []
     if not args.report_only:  # the teacher alone, with every core
-        teacher = teachers["teacher"] = ensure_teacher(TEACHER_RECIPE, f"{tag}_teacher", teacher_opts)
+        try:
+            teacher = teachers["teacher"] = ensure_teacher(TEACHER_RECIPE, f"{tag}_teacher", teacher_opts)
+        except RuntimeError as err:
+            sys.exit(str(err))
         if not args.quick:
             ensure_loss_scales(teacher["checkpoint"])
     if teacher is None:

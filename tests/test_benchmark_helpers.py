@@ -73,7 +73,7 @@ def test_every_benchmark_recipe_loads(accuracy):
         model = cfg.student or cfg.model
         if name in accuracy.AGAINST_TEACHER:  # born-again: the teacher's own architecture and schedule
             teacher = load_config(BENCH.parent / "configs" / "bench" / accuracy.TEACHER_RECIPE)
-            assert cfg.train == teacher.train and cfg.train.epochs == 16
+            assert cfg.train == teacher.train and cfg.train.epochs == 40
             assert (model.arch, model.backbone, model.fpn_channels) == ("fcos", "resnet34", 128)
             continue
         assert cfg.train.epochs == 3
@@ -200,9 +200,9 @@ def _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap: float, tune_gap_ap: flo
 
 def test_protocol_order_regime_check_seeds_top_methods_wall_time_and_long_schedule(accuracy, tmp_path, monkeypatch):
     calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30)
-    # 1. the regime check: the baseline on the teacher's whole schedule (16 epochs), 2 seeds
+    # 1. the regime check: the baseline on the teacher's whole schedule (40 epochs), 2 seeds
     assert [c[:2] for c in calls[:2]] == [(accuracy.GAP_RUN, 0), (accuracy.GAP_RUN, 1)]
-    assert "train.epochs=16" in calls[0][2]
+    assert "train.epochs=40" in calls[0][2]
     # 2. equal steps, seed by seed
     first = calls[2 : 2 + 2 * len(accuracy.RUNS)]
     assert [seed for _, seed, _ in first] == [0] * len(accuracy.RUNS) + [1] * len(accuracy.RUNS)
@@ -332,16 +332,16 @@ def test_issue15_rows_in_the_protocol(accuracy, tmp_path, monkeypatch):
 
 
 def test_the_plan_counts_the_new_rows_and_the_second_teacher(accuracy, tmp_path, monkeypatch, capsys):
-    plan = accuracy.protocol_plan(600, 3200)
-    assert plan.count((3200, "born_again")) == 2  # born-again trains for the teacher's schedule
+    plan = accuracy.protocol_plan(600, 8000)
+    assert plan.count((8000, "born_again")) == 2  # born-again trains for the teacher's schedule
     assert plan.count((600, "two_teachers")) == 6 and plan.count((600, "online")) == 4
-    assert plan.count((3200, "student")) == accuracy.GAP_SEEDS
+    assert plan.count((8000, "student")) == accuracy.GAP_SEEDS
     calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30, argv=["--plan", "--jobs", "2"])
     assert calls == [] and calls.events == []  # --plan trains nothing
     out = capsys.readouterr().out
     assert "teacher teacher (teacher.yaml" in out and "teacher teacher_retina (teacher_retinanet.yaml" in out
     assert "steps  born_again seed 1" in out and "steps  two_teachers_adaptive seed 0" in out
-    teachers_h = 2 * 16 * 200 * accuracy.DEFAULT_STEP_S["teacher"] / 3600  # two teachers, neither trained
+    teachers_h = 2 * 40 * 200 * accuracy.DEFAULT_STEP_S["teacher"] / 3600  # two teachers of 40 epochs, neither trained
     hours = accuracy.estimate_elapsed_h(plan, accuracy.DEFAULT_STEP_S, 2) + teachers_h
     assert f"--jobs 2: {hours:.1f} h (+ teachers {teachers_h:.1f} h)" in out
 
@@ -391,3 +391,39 @@ def test_the_comparisons_start_from_the_same_student_weights(accuracy, tmp_path)
     baseline = build_detector_from_cfg(load_config(accuracy.recipe_path("student.yaml")).model, 9)
     assert all(same(student(n), baseline) for n in ["pkd", "fcos_pkd", "retina_pkd", "two_teachers_confidence"])
     assert same(student("online_pkd"), student("pkd"))
+
+
+def test_a_cached_teacher_whose_checkpoint_is_gone_stops_with_a_clear_message(accuracy, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    (tmp_path / "runs").mkdir()
+    record = {"run": "v2_teacher", "checkpoint": str(tmp_path / "gone" / "last_weights.pth"), "AP": 0.6}
+    (tmp_path / "runs" / "v2_teacher.json").write_text(json.dumps(record))
+    monkeypatch.setattr(accuracy, "run_tool", lambda *a, **k: pytest.fail("the teacher must not be retrained"))
+    with pytest.raises(RuntimeError, match=r"v2_teacher\.json: the cached teacher's checkpoint .*gone.* is missing"):
+        accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])
+    # with the checkpoint back, the record is used as it is
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "last_weights.pth").write_bytes(b"weights")
+    assert accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])["AP"] == 0.6
+
+
+def test_a_new_teacher_trains_in_the_teacher_dir_and_its_record_names_a_repo_relative_checkpoint(
+    accuracy, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    teacher_dir = accuracy.REPO / "work_dirs" / "test_teacher_dir"
+    monkeypatch.setitem(accuracy.TEACHER_DIR, "root", teacher_dir)
+    seen = {}
+
+    def fake_run_tool(script, recipe, work_dir, opts, log, extra=None):
+        seen["work_dir"] = work_dir
+        return 12.0
+
+    monkeypatch.setattr(accuracy, "run_tool", fake_run_tool)
+    monkeypatch.setattr(accuracy, "final_metrics", lambda work: {"AP": 0.5, "curve": [[200, 0.5]]})
+    monkeypatch.setattr(accuracy, "_export_last_weights", lambda work: None)
+    record = accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v9_teacher", [])
+    assert seen["work_dir"] == teacher_dir / "v9_teacher"
+    assert record["checkpoint"] == "work_dirs/test_teacher_dir/v9_teacher/last_weights.pth"
+    assert record["wall_s"] == 12.0
+    assert json.loads((tmp_path / "runs" / "v9_teacher.json").read_text()) == record
