@@ -4,9 +4,10 @@ Protocol (regime v2; see the README's "Results" section and DESIGN.md "Benchmark
 
 - data: the synthetic set of ``configs/bench/_base_/data.yaml`` (preset ``bench``: objects from 16 px, clutter 0.5;
   generated on first use, deterministic);
-- teacher: ``configs/bench/teacher.yaml`` (FCOS R34-FPN128 from scratch, 3,200 steps, a learning curve every
-  400 steps), trained once and cached; then the weights of the magnitude-dependent losses are measured for it
-  (``benchmarks/loss_scales.py --write``, a rule on a training batch, never on val);
+- teacher: ``configs/bench/teacher.yaml`` (FCOS R34-FPN128 from scratch, 8,000 steps, a learning curve every
+  400 steps), trained once and cached in ``--teacher-dir`` (default ``work_dirs/bench``); then the weights of the
+  magnitude-dependent losses are measured for it (``benchmarks/loss_scales.py --write``, a rule on a training
+  batch, never on val);
 - **the regime check first**: the baseline student trained for the teacher's whole schedule must stay
   ``MIN_GAP`` (10 AP) below the teacher (a capacity gap), and the teacher's last two evaluations must be within
   1 AP (converged); the run stops there when the check fails (``--force`` goes on);
@@ -25,8 +26,8 @@ Issue 15's rows (several teachers, teachers that learn):
 
 - a **second benchmark teacher** of another family, ``configs/bench/teacher_retinanet.yaml`` (RetinaNet
   R34-FPN128, the same data and schedule as the FCOS teacher), trained once and cached like it
-  (``work_dirs/bench/v2_teacher_retina``) and evaluated on val and on the tuning split; it is trained after the
-  regime check, when a planned run needs it;
+  (``<--teacher-dir>/v2_teacher_retina``) and evaluated on val and on the tuning split; it is trained after the
+  regime check and after every row that does not need it, right before the rows that do;
 - **two teachers** (``two_teachers_{fixed,confidence,adaptive}``: FCOS + RetinaNet under ``teachers:``) against each
   teacher alone with the same loss (``fcos_pkd``, ``retina_pkd``): PKD on every level, scale-free, fixed before any
   run. The single-teacher rows also use a one-entry ``teachers:`` list, because detkd builds the teachers of a
@@ -35,7 +36,7 @@ Issue 15's rows (several teachers, teachers that learn):
 - **online** (``online_pkd``: the teacher architecture trained from scratch with the student; ``mutual_pkd``: the
   same with deep mutual learning) against the frozen teacher with the same loss (``pkd``);
 - **born-again** (``born_again``): a student of the teacher's own architecture (FCOS R34-FPN128) distilled from the
-  frozen teacher over the teacher's whole schedule (3,200 steps), compared with the teacher's AP (target: the
+  frozen teacher over the teacher's whole schedule (8,000 steps), compared with the teacher's AP (target: the
   student passes its teacher); it is not ranked with the bench students (another student);
 - ``ema`` (self-distillation), ``relation`` and ``best_feature_relation`` are rows of the main protocol.
 
@@ -49,6 +50,7 @@ own short teacher and a few students on a short schedule. ``--jobs N`` runs N tr
 ``cores / N`` threads (``OMP_NUM_THREADS``). A failed run is reported and the others go on.
 
     python benchmarks/accuracy.py --jobs 2            # full: results/accuracy.{json,md}
+    python benchmarks/accuracy.py --jobs 2 --teacher-dir checkpoints/bench   # keep the cached teachers elsewhere
     python benchmarks/accuracy.py --plan --jobs 2     # what is left, and how long it should take
     python benchmarks/accuracy.py --report-only       # tabulate the stored runs (a partial table while it runs)
     python benchmarks/accuracy.py --quick --jobs 2    # results/accuracy_quick.{json,md}
@@ -105,7 +107,7 @@ RUNS: list[tuple[str, str, int, int]] = [
     # teachers that learn: against pkd (the frozen teacher, same loss, same student initialisation)
     ("online_pkd", "online_pkd.yaml", 2, 0),
     ("mutual_pkd", "mutual_pkd.yaml", 2, 0),
-    ("born_again", "born_again.yaml", 2, 0),  # FCOS R34-FPN128 student, 3,200 steps: against the teacher
+    ("born_again", "born_again.yaml", 2, 0),  # FCOS R34-FPN128 student, the teacher's schedule: against the teacher
 ]
 FEATURE_RUNS = ("mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "mse_auto", "fgd_auto", "defeat_auto")
 # Rows built on the best feature / best overall recipe of the first pass, ranked on the TUNING split (never val):
@@ -921,8 +923,13 @@ def main() -> None:
         if not args.quick and not check["tune"]["valid"] and not args.force:
             print("[bench] the regime check failed on the tuning split; fix the regime (or --force)", flush=True)
         else:
+            # the rows that learn from the teachers trained so far go first: a second teacher costs an hour or more,
+            # and a session that ends before it is trained still adds the other rows
+            steps = [(n, r, s, o) for phase, n, r, s, o in planned if phase == "steps"]
+            ready = [b for b in steps if teachers_needed([b[1]]) <= set(teachers)]
+            run_all(ready)
             ensure_other_teachers()
-            run_all([(n, r, s, o) for phase, n, r, s, o in planned if phase == "steps"])
+            run_all([b for b in steps if b not in ready])
             if not args.only and not args.quick:
                 recipes = {name: recipe for name, recipe, _, _ in RUNS}
                 derived = []

@@ -10,6 +10,7 @@ on the results live in ``benchmarks/results/notes.md`` and are included after th
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,11 +21,12 @@ BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
 def teacher_section() -> list[str]:
     path = RESULTS / "runs" / "v2_teacher.json"
     if not path.is_file():
+        steps = _teacher_steps()
         return [
             "### The benchmark teacher",
             "",
-            "The regime-v2 teacher (`configs/bench/teacher.yaml`, FCOS R34-FPN128 from scratch, 3,200 steps) has not "
-            "finished training yet: `python benchmarks/accuracy.py --jobs 2` trains it first (resumable).",
+            f"The regime-v2 teacher (`configs/bench/teacher.yaml`, FCOS R34-FPN128 from scratch, {steps:,} steps) has "
+            "not finished training yet: `python benchmarks/accuracy.py --jobs 2` trains it first (resumable).",
             "",
         ]
     t = json.loads(path.read_text())
@@ -36,11 +38,19 @@ def teacher_section() -> list[str]:
         f"{t['iterations']:,} steps of batch 8 at 128 px, the `bench` preset of the synthetic generator: objects from "
         f"16 px, half the default clutter) reached **val AP {100 * t['AP']:.1f}** (AP50 {100 * t['AP50']:.1f}, APs "
         f"{100 * t['APs']:.1f}, APm {100 * t['APm']:.1f}) after its last epoch, in {t['wall_s'] / 60:.0f} min of wall "
-        f"time on this 2-core CPU machine (no GPU, {t.get('threads', 2)} threads, other jobs sharing the machine). Val "
-        f"AP along the way (steps: AP): {curve}. `python tools/eval.py --cfg configs/bench/{t['recipe']} --ckpt "
-        "work_dirs/bench/v2_teacher/last_weights.pth` reproduces the AP from the saved weights.",
+        f"time on this 2-core CPU machine (no GPU, {t.get('threads', 2)} threads). Val AP along the way (steps: AP): "
+        f"{curve}. `python tools/eval.py --cfg configs/bench/{t['recipe']} --ckpt {t['checkpoint']}` reproduces the "
+        "AP from the saved weights.",
         "",
     ]
+
+
+def _teacher_steps() -> int:
+    """The benchmark teacher's schedule in steps (its recipe's epochs x 200 iterations of batch 8)."""
+    sys.path.insert(0, str(REPO))
+    from detkd.config import load_config
+
+    return load_config(REPO / "configs" / "bench" / "teacher.yaml").train.epochs * 200
 
 
 def section(title: str, name: str, intro: str) -> list[str]:
@@ -56,7 +66,8 @@ def build() -> str:
         "Accuracy: how much of the teacher-student gap each method closes",
         "accuracy",
         "From `benchmarks/results/accuracy.json` (`python benchmarks/accuracy.py --jobs 2`; resumable: finished runs "
-        "are kept in `benchmarks/results/runs/v2_*` and skipped). Pair: FCOS R34-FPN128 teacher (3,200 steps) -> "
+        f"are kept in `benchmarks/results/runs/v2_*` and skipped). Pair: FCOS R34-FPN128 teacher ({_teacher_steps():,} "
+        "steps) -> "
         "FCOS MobileNetV3-small-FPN32 student (600 steps of batch 8, AdamW, from scratch) on 1,600 / 400 synthetic "
         "images at 128 px (`configs/bench/`). Gap closed = (AP_distilled - AP_baseline) / (AP_teacher - "
         "AP_baseline). `baseline_teacher_schedule` is the regime check (the student alone on the teacher's whole "

@@ -203,9 +203,12 @@ def test_protocol_order_regime_check_seeds_top_methods_wall_time_and_long_schedu
     # 1. the regime check: the baseline on the teacher's whole schedule (40 epochs), 2 seeds
     assert [c[:2] for c in calls[:2]] == [(accuracy.GAP_RUN, 0), (accuracy.GAP_RUN, 1)]
     assert "train.epochs=40" in calls[0][2]
-    # 2. equal steps, seed by seed
-    first = calls[2 : 2 + 2 * len(accuracy.RUNS)]
-    assert [seed for _, seed, _ in first] == [0] * len(accuracy.RUNS) + [1] * len(accuracy.RUNS)
+    # 2. equal steps, seed by seed: the rows that need only the FCOS teacher (or none; the baseline's third seed
+    # too), then, once the RetinaNet teacher is trained, the rows that need it
+    n_retina = len(["retina_pkd", *accuracy.TWO_TEACHER_RUNS])
+    n_ready = len(accuracy.RUNS) - n_retina
+    first = calls[2 : 2 + 2 * len(accuracy.RUNS) + 1]
+    assert [seed for _, seed, _ in first] == [0] * n_ready + [1] * n_ready + [2] + [0] * n_retina + [1] * n_retina
     third = {name for name, seed, _ in calls if seed == 2}
     assert third == {"baseline", "fgd_logit_kd", "logit_kd", "cwd"}  # the baseline and the top 3
     # 2b. the derived rows, built on the best feature recipe / the best recipe on the tuning split, 2 seeds each
@@ -277,14 +280,20 @@ def test_elapsed_estimate_and_convergence(accuracy):
 def test_issue15_rows_in_the_protocol(accuracy, tmp_path, monkeypatch):
     calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30)
     ev = calls.events
-    # the FCOS teacher first, the RetinaNet teacher once the regime check passed and before any row that needs it
+    # the FCOS teacher first; the RetinaNet teacher once every row that needs only the FCOS teacher (or none) has
+    # run, right before the rows that need it
     assert ev[0] == ("teacher", "v2_teacher") and ev.count(("teacher", "v2_teacher_retina")) == 1
     retina = ev.index(("teacher", "v2_teacher_retina"))
-    assert ev[retina - 2 : retina] == [(accuracy.GAP_RUN, 0), (accuracy.GAP_RUN, 1)]
-    assert ev[retina + 1] == ("baseline", 0)
-    # the new rows run in the first pass, in RUNS order, 2 seeds each
-    new = ["fcos_pkd", "retina_pkd", *accuracy.TWO_TEACHER_RUNS, *accuracy.ONLINE_RUNS, "born_again"]
-    assert [c[:2] for c in calls if c[0] in new] == [(n, s) for s in range(2) for n in new]
+    assert ev[1:3] == [(accuracy.GAP_RUN, 0), (accuracy.GAP_RUN, 1)] and ev[3] == ("baseline", 0)
+    needs_retina = ["retina_pkd", *accuracy.TWO_TEACHER_RUNS]
+    ready = [(n, s) for s in range(3) for n, _, seeds, _ in accuracy.RUNS if n not in needs_retina and s < seeds]
+    assert ev[3:retina] == ready  # the baseline's third seed included
+    assert ev[retina + 1 : retina + 1 + 2 * len(needs_retina)] == [(n, s) for s in range(2) for n in needs_retina]
+    # the new rows run in the first pass, 2 seeds each
+    new = ["fcos_pkd", *accuracy.ONLINE_RUNS, "born_again", *needs_retina]
+    assert [c[:2] for c in calls if c[0] in new] == [(n, s) for s in range(2) for n in new[:4]] + [
+        (n, s) for s in range(2) for n in needs_retina
+    ]
     # which teacher checkpoints each run gets
     ckpt = {n: [o for o in calls.commands[(n, 0)][2] if "checkpoint=" in o] for n in [*new, "pkd", "ema", "baseline"]}
     assert ckpt["fcos_pkd"] == ["teachers.0.checkpoint=v2_teacher.pth"]
