@@ -11,7 +11,7 @@ Protocol (regime v2; see the README's "Results" section and DESIGN.md "Benchmark
 - **the regime check first**: the baseline student trained for the teacher's whole schedule must stay
   ``MIN_GAP`` (10 AP) below the teacher (a capacity gap), and the teacher's last two evaluations must be within
   1 AP (converged); the run stops there when the check fails (``--force`` goes on);
-- student: FCOS MobileNetV3-small-FPN32 from scratch, every method with the same schedule (600 steps) and the same
+- student: FCOS MobileNetV3-small-FPN32 from scratch, every method with the same schedule (2,400 steps) and the same
   initialisation (same seed -> same initial weights), 2 seeds, then a third seed for the baseline and the top 3;
 - every run's final weights are also scored on the **tuning split** (``configs/bench/_base_/tune.yaml``): the regime
   check, the ranking (third seeds, long schedule) and the **derived rows** (the best feature recipe + ``cross_kd``,

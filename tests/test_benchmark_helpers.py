@@ -76,7 +76,7 @@ def test_every_benchmark_recipe_loads(accuracy):
             assert cfg.train == teacher.train and cfg.train.epochs == 40
             assert (model.arch, model.backbone, model.fpn_channels) == ("fcos", "resnet34", 128)
             continue
-        assert cfg.train.epochs == 3
+        assert cfg.train.epochs == 12
         assert (model.arch, model.backbone, model.fpn_channels) == ("fcos", "mobilenet_v3_small", 32)
 
 
@@ -225,10 +225,10 @@ def test_protocol_order_regime_check_seeds_top_methods_wall_time_and_long_schedu
     wall = [c for c in calls if c[0].startswith("baseline_same_wall_time")]
     assert [c[0] for c in wall] == ["baseline_same_wall_time_as_fgd_logit_kd"] * 2
     assert "train.max_iters=900" in wall[0][2]
-    # 4. long schedule (x 4 = 12 epochs): the baseline and the 2 best, 2 seeds each
+    # 4. long schedule (x 4 = 48 epochs): the baseline and the 2 best, 2 seeds each
     long = [c for c in calls if c[0].startswith("long_")]
     assert sorted({c[0] for c in long}) == ["long_baseline", "long_fgd_logit_kd", "long_logit_kd"]
-    assert len(long) == 6 and all("train.epochs=12" in c[2] for c in long)
+    assert len(long) == 6 and all("train.epochs=48" in c[2] for c in long)
     results = json.loads((tmp_path / "accuracy.json").read_text())
     assert results["regime"]["valid"] and results["regime"]["gap"] == pytest.approx(0.5 - 0.305)
     runs = results["runs"]
@@ -341,9 +341,9 @@ def test_issue15_rows_in_the_protocol(accuracy, tmp_path, monkeypatch):
 
 
 def test_the_plan_counts_the_new_rows_and_the_second_teacher(accuracy, tmp_path, monkeypatch, capsys):
-    plan = accuracy.protocol_plan(600, 8000)
+    plan = accuracy.protocol_plan(2400, 8000)
     assert plan.count((8000, "born_again")) == 2  # born-again trains for the teacher's schedule
-    assert plan.count((600, "two_teachers")) == 6 and plan.count((600, "online")) == 4
+    assert plan.count((2400, "two_teachers")) == 6 and plan.count((2400, "online")) == 4
     assert plan.count((8000, "student")) == accuracy.GAP_SEEDS
     calls = _fake_bench(accuracy, tmp_path, monkeypatch, gap_ap=0.30, argv=["--plan", "--jobs", "2"])
     assert calls == [] and calls.events == []  # --plan trains nothing
