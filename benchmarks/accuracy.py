@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import hashlib
 import json
 import math
 import os
@@ -218,6 +219,12 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
                 f"move this record and the student records trained against it aside to train the teacher again "
                 f"(--teacher-dir sets where teachers are kept)."
             )
+        if record.get("sha256") and _sha256(REPO / record["checkpoint"]) != record["sha256"]:
+            raise RuntimeError(
+                f"{record_path}: the cached teacher's checkpoint {record['checkpoint']} is not the one this record "
+                f"measured (sha256 differs). Restore the original, or move this record and the student records "
+                f"trained against it aside to train the teacher again."
+            )
         return record
     work = TEACHER_DIR["root"] / tag
     print(f"[bench] training teacher {recipe} -> {work}", flush=True)
@@ -228,8 +235,18 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
               **metrics,
               "threads": THREADS["per_run"] or os.cpu_count(), "resumed": resume}  # fmt: skip
     _export_last_weights(work)
+    record["sha256"] = _sha256(work / "last_weights.pth")
     _write_json(record_path, record)
     return record
+
+
+def _sha256(path: Path) -> str:
+    """The checkpoint's identity, so that the students' rows are known to come from the teacher the record scored."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _repo_relative(path: Path) -> str:

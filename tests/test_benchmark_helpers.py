@@ -1,5 +1,6 @@
 """The pure helpers of the benchmark scripts (the scripts themselves are run by hand; see benchmarks/)."""
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -414,6 +415,13 @@ def test_a_cached_teacher_whose_checkpoint_is_gone_stops_with_a_clear_message(ac
     (tmp_path / "gone").mkdir()
     (tmp_path / "gone" / "last_weights.pth").write_bytes(b"weights")
     assert accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])["AP"] == 0.6
+    # a record that names the checkpoint's hash refuses another file in its place
+    record["sha256"] = hashlib.sha256(b"weights").hexdigest()
+    (tmp_path / "runs" / "v2_teacher.json").write_text(json.dumps(record))
+    assert accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])["AP"] == 0.6
+    (tmp_path / "gone" / "last_weights.pth").write_bytes(b"other weights")
+    with pytest.raises(RuntimeError, match=r"is not the one this record measured \(sha256 differs\)"):
+        accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])
 
 
 def test_a_new_teacher_trains_in_the_teacher_dir_and_its_record_names_a_repo_relative_checkpoint(
@@ -431,8 +439,9 @@ def test_a_new_teacher_trains_in_the_teacher_dir_and_its_record_names_a_repo_rel
     monkeypatch.setattr(accuracy, "run_tool", fake_run_tool)
     monkeypatch.setattr(accuracy, "final_metrics", lambda work: {"AP": 0.5, "curve": [[200, 0.5]]})
     monkeypatch.setattr(accuracy, "_export_last_weights", lambda work: None)
+    monkeypatch.setattr(accuracy, "_sha256", lambda path: "abc")
     record = accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v9_teacher", [])
     assert seen["work_dir"] == teacher_dir / "v9_teacher"
     assert record["checkpoint"] == "work_dirs/test_teacher_dir/v9_teacher/last_weights.pth"
-    assert record["wall_s"] == 12.0
+    assert record["wall_s"] == 12.0 and record["sha256"] == "abc"
     assert json.loads((tmp_path / "runs" / "v9_teacher.json").read_text()) == record
