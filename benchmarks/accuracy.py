@@ -212,18 +212,15 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
     record_path = RESULTS / "runs" / f"{tag}.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if not (REPO / record["checkpoint"]).is_file():
-            # retraining silently would leave the finished student rows taught by another teacher
+        ckpt = REPO / record["checkpoint"]
+        problem = ("is missing" if not ckpt.is_file() else
+                   "is not the one this record measured (sha256 differs)"
+                   if record.get("sha256") and _sha256(ckpt) != record["sha256"] else None)  # fmt: skip
+        if problem:  # retraining silently would leave the finished student rows taught by another teacher
             raise RuntimeError(
-                f"{record_path}: the cached teacher's checkpoint {record['checkpoint']} is missing. Restore it, or "
+                f"{record_path}: the cached teacher's checkpoint {record['checkpoint']} {problem}. Restore it, or "
                 f"move this record and the student records trained against it aside to train the teacher again "
                 f"(--teacher-dir sets where teachers are kept)."
-            )
-        if record.get("sha256") and _sha256(REPO / record["checkpoint"]) != record["sha256"]:
-            raise RuntimeError(
-                f"{record_path}: the cached teacher's checkpoint {record['checkpoint']} is not the one this record "
-                f"measured (sha256 differs). Restore the original, or move this record and the student records "
-                f"trained against it aside to train the teacher again."
             )
         return record
     work = TEACHER_DIR["root"] / tag
