@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import hashlib
 import json
@@ -360,6 +361,50 @@ def record_path(tag: str, name: str, seed: int) -> Path:
     return RESULTS / "runs" / f"{tag}_{name}_s{seed}.json"
 
 
+@functools.cache
+def recipe_digest(recipe: str, opts: tuple[str, ...] = ()) -> str:
+    """A run's identity: the sha256 (16 hex digits) of its resolved config (recipe, ``_base_`` files and ``opts``)
+    without what depends on the machine (checkpoint paths, work dir). A stored record whose digest differs from its
+    recipe's was trained on another recipe, so it no longer counts (:func:`stale_records`). Computed from the main
+    thread, like :func:`is_distill_recipe`."""
+    cfg = dataclasses.asdict(_load_config(recipe_path(recipe), list(opts)))
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "work_dir" and not (k == "checkpoint" and
+                                                                                 isinstance(v, str))}  # fmt: skip
+        if isinstance(node, (list, tuple)):
+            return [strip(v) for v in node]
+        return node
+
+    text = json.dumps(strip(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stale_records(paths: list[Path]) -> list[tuple[Path, str]]:
+    """The stored runs whose recipe changed since they ran (with the reason); records without a digest (older than
+    the digest) are kept, and so are the runs of recipes that no longer exist."""
+    out = []
+    for path in paths:
+        record = json.loads(path.read_text())
+        if "recipe_digest" not in record or not recipe_path(record["recipe"]).is_file():
+            continue
+        now = recipe_digest(record["recipe"], tuple(record.get("opts", [])))
+        if now != record["recipe_digest"]:
+            out.append((path, f"recipe {record['recipe']} changed since the run ({record['recipe_digest']} -> {now})"))
+    return out
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Move a stored record to ``runs/superseded/`` (kept, never deleted), with the reason in it."""
+    record = json.loads(path.read_text())
+    record["superseded"] = reason
+    out = path.parent / "superseded" / path.name
+    _write_json(out, record)
+    path.unlink()
+    return out
+
+
 def run_student(
     name: str, recipe: str, seed: int, checkpoints: dict[str, str], opts: list[str], tag: str
 ) -> dict[str, Any]:
@@ -371,8 +416,9 @@ def run_student(
     script, run_opts = training_command(recipe, seed, checkpoints, opts)
     print(f"[bench] {name} seed {seed}", flush=True)
     wall = run_tool(script, recipe_path(recipe), work, run_opts, work / "stdout.log")
-    record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, "threads": THREADS["per_run"],
-              "opts": opts, "work_dir": str(work.relative_to(REPO)), **final_metrics(work)}  # fmt: skip
+    record = {"run": name, "seed": seed, "recipe": recipe, "recipe_digest": recipe_digest(recipe, tuple(opts)),
+              "wall_s": wall, "threads": THREADS["per_run"], "opts": opts, "work_dir": str(work.relative_to(REPO)),
+              **final_metrics(work)}  # fmt: skip
     _write_json(path_out, record)
     return record
 
@@ -832,6 +878,9 @@ def main() -> None:
     if args.only:
         planned = [p for p in planned if p[1] in args.only]
 
+    stored = sorted((RESULTS / "runs").glob(f"{tag}_*_s*.json"))
+    for path, reason in stale_records(stored):  # a changed recipe runs again; the old record is kept aside
+        print(f"[bench] {path.name}: {reason}; set aside in {set_aside(path, reason).parent.name}/", flush=True)
     records: dict[str, list[dict[str, Any]]] = {}
     for path in sorted((RESULTS / "runs").glob(f"{tag}_*_s*.json")):  # every stored run of this regime
         record = json.loads(path.read_text())
@@ -914,6 +963,8 @@ def main() -> None:
         for recipe in {r for _, r, _, _ in batch}:  # imports and config checks in this thread, before the workers
             is_distill_recipe(recipe_path(recipe))
             teacher_slots(recipe_path(recipe))
+        for _, recipe, _, run_opts in batch:
+            recipe_digest(recipe, tuple(run_opts))
         checkpoints = {tid: t["checkpoint"] for tid, t in teachers.items()}
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(run_student, n, r, s, checkpoints, o, tag) for n, r, s, o in batch]

@@ -11,6 +11,7 @@ Scale-free losses (pkd, cwd, logit_kd, pseudo_label) keep the papers' weights.
 
     python benchmarks/loss_scales.py            # print and write benchmarks/results/loss_scales.json
     python benchmarks/loss_scales.py --write    # also set the weights in configs/bench/*.yaml
+    python benchmarks/loss_scales.py --only defeat --write   # one loss; the others' entries are kept
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def yaml_float(x: float) -> str:
 def set_weight(path: Path, loss_type: str, weight: float) -> bool:
     """Set ``weight`` of the ``{type: loss_type, ...}`` feature entry in a one-line flow-style recipe."""
     text = path.read_text()
-    pattern = re.compile(r"(\{type: " + re.escape(loss_type) + r"\b[^{}]*?weight: )([-+0-9.eE]+)")
+    # the key must be ``weight`` itself: ``\b`` keeps ``fg_weight``/``bg_weight``/``box_weight`` (which come earlier
+    # in an entry such as defeat's) from being taken for it
+    pattern = re.compile(r"(\{type: " + re.escape(loss_type) + r"\b[^{}]*?(?<![\w])weight: )([-+0-9.eE]+)")
     new, count = pattern.subn(lambda m: m.group(1) + yaml_float(weight), text)
     if count and new != text:
         path.write_text(new)
@@ -84,11 +87,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=str(REPO / "work_dirs" / "bench" / "full_teacher" / "last_weights.pth"))
     parser.add_argument("--write", action="store_true", help="set the measured weights in configs/bench/*.yaml")
+    parser.add_argument("--only", nargs="+", choices=SCALED_LOSSES, help="measure these losses only (the others keep "
+                        "their entries in loss_scales.json when it was measured for the same teacher)")  # fmt: skip
     args = parser.parse_args()
     if not Path(args.teacher).is_file():
         sys.exit(f"teacher checkpoint {args.teacher} not found: run `python benchmarks/accuracy.py` first")
-    results = {}
-    for loss_type in SCALED_LOSSES:
+    results, out = {}, RESULTS / "loss_scales.json"
+    if args.only and out.is_file() and json.loads(out.read_text()).get("teacher") == args.teacher:
+        results = json.loads(out.read_text())["losses"]
+    for loss_type in args.only or SCALED_LOSSES:
         results[loss_type] = measure(loss_type, args.teacher)
         r = results[loss_type]
         print(
@@ -97,9 +104,10 @@ def main() -> None:
             flush=True,
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "loss_scales.json").write_text(json.dumps({"teacher": args.teacher, "losses": results}, indent=1))
+    out.write_text(json.dumps({"teacher": args.teacher, "losses": results}, indent=1))
     if args.write:
-        for loss_type, r in results.items():
+        for loss_type in args.only or SCALED_LOSSES:
+            r = results[loss_type]
             changed = [p.name for p in sorted(BENCH_CFG.glob("*.yaml")) if set_weight(p, loss_type, r["weight"])]
             print(f"{loss_type}: weight {r['weight']:.0e} in {', '.join(changed)}")
 

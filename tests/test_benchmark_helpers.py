@@ -57,6 +57,22 @@ def test_set_weight_edits_only_the_named_loss(loss_scales, tmp_path):
     assert recipe.read_text().startswith("# a comment: weight: 3\n")
 
 
+def test_set_weight_leaves_the_fg_and_bg_weights_of_defeat_alone(loss_scales, tmp_path):
+    # the bug this pins: the first "weight: " in the entry was fg_weight's, so --write set DeFeat's foreground weight
+    # to the scale (1e-3) and left its outer weight as it was
+    recipe = tmp_path / "defeat.yaml"
+    recipe.write_text(
+        "distill: {features: [{type: defeat, fg_weight: 3.0, bg_weight: 12.0, levels: [p3], weight: 3.0e-4}]}\n"
+    )
+    assert loss_scales.set_weight(recipe, "defeat", 2e-3)
+    entry = yaml.safe_load(recipe.read_text())["distill"]["features"][0]
+    assert entry == {"type": "defeat", "fg_weight": 3.0, "bg_weight": 12.0, "levels": ["p3"], "weight": 2e-3}
+    auto = tmp_path / "defeat_auto.yaml"
+    auto.write_text("distill: {features: [{type: defeat, fg_weight: 3.0, bg_weight: 12.0, weight: auto}]}\n")
+    assert not loss_scales.set_weight(auto, "defeat", 2e-3)  # a self-calibrating recipe keeps weight: auto
+    assert yaml.safe_load(auto.read_text())["distill"]["features"][0]["fg_weight"] == 3.0
+
+
 def test_gap_closed_and_spread(accuracy):
     records = [{"seed": s, "AP": ap, "AP50": 0.5, "APs": 0.1, "train_time_s": 60.0} for s, ap in ((0, 0.2), (1, 0.3))]
     out = accuracy.aggregate(records, teacher_ap=0.45, baseline_ap=0.2)
@@ -445,3 +461,36 @@ def test_a_new_teacher_trains_in_the_teacher_dir_and_its_record_names_a_repo_rel
     assert record["checkpoint"] == "work_dirs/test_teacher_dir/v9_teacher/last_weights.pth"
     assert record["wall_s"] == 12.0 and record["sha256"] == "abc"
     assert json.loads((tmp_path / "runs" / "v9_teacher.json").read_text()) == record
+
+
+def test_a_record_of_a_changed_recipe_is_set_aside_and_kept(accuracy, tmp_path, monkeypatch):
+    import shutil
+
+    bench = tmp_path / "bench"
+    shutil.copytree(BENCH.parent / "configs" / "bench", bench)
+    monkeypatch.setattr(accuracy, "BENCH_CFG", bench)
+    accuracy.recipe_digest.cache_clear()
+    try:
+        runs = tmp_path / "runs"
+        for name in ("defeat", "mse"):
+            digest = accuracy.recipe_digest(f"{name}.yaml")
+            accuracy._write_json(runs / f"v2_{name}_s0.json", {"run": name, "seed": 0, "recipe": f"{name}.yaml",
+                                 "opts": [], "recipe_digest": digest, "AP": 0.3})  # fmt: skip
+        accuracy._write_json(runs / "v2_gid_s0.json", {"run": "gid", "seed": 0, "recipe": "gid.yaml", "AP": 0.4})
+        paths = sorted(runs.glob("*.json"))
+        assert accuracy.stale_records(paths) == []
+        # the machine-dependent keys are not part of a run's identity; its losses and schedule are
+        defeat = accuracy.recipe_digest("defeat.yaml")
+        assert accuracy.recipe_digest("defeat.yaml", ("teacher.checkpoint=/elsewhere/t.pth",)) == defeat
+        assert accuracy.recipe_digest("defeat.yaml", ("train.epochs=20",)) != defeat
+        recipe = bench / "defeat.yaml"
+        recipe.write_text(recipe.read_text().replace("fg_weight: 3.0", "fg_weight: 1.0e-3"))
+        accuracy.recipe_digest.cache_clear()
+        stale = accuracy.stale_records(paths)
+        assert [(p.name, "defeat.yaml changed" in why) for p, why in stale] == [("v2_defeat_s0.json", True)]
+        out = accuracy.set_aside(*stale[0])
+        assert out == runs / "superseded" / "v2_defeat_s0.json" and not (runs / "v2_defeat_s0.json").exists()
+        kept = json.loads(out.read_text())
+        assert kept["AP"] == 0.3 and "changed" in kept["superseded"]
+    finally:
+        accuracy.recipe_digest.cache_clear()  # the digests of the copied recipes must not outlive the test
