@@ -51,6 +51,7 @@ own short teacher and a few students on a short schedule. ``--jobs N`` runs N tr
 
     python benchmarks/accuracy.py --jobs 2            # full: results/accuracy.{json,md}
     python benchmarks/accuracy.py --jobs 2 --teacher-dir checkpoints/bench   # keep the cached teachers elsewhere
+    python benchmarks/accuracy.py --jobs 2 --teacher-dir checkpoints/bench --runs-dir checkpoints/bench_runs
     python benchmarks/accuracy.py --plan --jobs 2     # what is left, and how long it should take
     python benchmarks/accuracy.py --report-only       # tabulate the stored runs (a partial table while it runs)
     python benchmarks/accuracy.py --quick --jobs 2    # results/accuracy_quick.{json,md}
@@ -161,6 +162,8 @@ THREADS = {"per_run": None}  # set from --jobs in main()
 # Where the cached benchmark teachers are trained and kept (set from --teacher-dir in main()); the students' work
 # dirs stay in work_dirs/bench.
 TEACHER_DIR = {"root": REPO / "work_dirs" / "bench"}
+# Where the students' runs are trained (set from --runs-dir): a run cut off at a session's end resumes from there.
+RUNS_DIR = {"root": REPO / "work_dirs" / "bench"}
 
 
 def run_tool(
@@ -412,12 +415,12 @@ def run_student(
     path_out = record_path(tag, name, seed)
     if path_out.is_file():
         return json.loads(path_out.read_text())
-    work = REPO / "work_dirs" / "bench" / f"{tag}_{name}_s{seed}"
+    work = RUNS_DIR["root"] / f"{tag}_{name}_s{seed}"
     script, run_opts = training_command(recipe, seed, checkpoints, opts)
     print(f"[bench] {name} seed {seed}", flush=True)
     wall = run_tool(script, recipe_path(recipe), work, run_opts, work / "stdout.log")
     record = {"run": name, "seed": seed, "recipe": recipe, "recipe_digest": recipe_digest(recipe, tuple(opts)),
-              "wall_s": wall, "threads": THREADS["per_run"], "opts": opts, "work_dir": str(work.relative_to(REPO)),
+              "wall_s": wall, "threads": THREADS["per_run"], "opts": opts, "work_dir": _repo_relative(work),
               **final_metrics(work)}  # fmt: skip
     _write_json(path_out, record)
     return record
@@ -459,6 +462,8 @@ def final_student_weights(record: dict[str, Any]) -> Path:
     its ``student.*`` entries, written once to ``student_last.pth``)."""
     work = REPO / record["work_dir"]
     if not is_distill_recipe(recipe_path(record["recipe"])):
+        if not (work / "last.pth").is_file():
+            raise FileNotFoundError(f"{work / 'last.pth'} does not exist")
         return work / "last.pth"
     out = work / "student_last.pth"
     if not out.is_file():
@@ -474,10 +479,26 @@ def score_on_tune(records: dict[str, list[dict[str, Any]]], tag: str) -> None:
     for name, rs in records.items():
         if name != "baseline" and not _is_method(name):
             continue
-        for r in rs:
+        for r in list(rs):
             if "tune_AP" not in r and "work_dir" in r:
-                model = "student" if is_distill_recipe(recipe_path(r["recipe"])) else "model"
-                tune_ap(r, record_path(tag, name, r["seed"]), r["recipe"], final_student_weights(r), model)
+                if not score_run_on_tune(r, tag):  # its weights are gone: it runs again next time
+                    rs.remove(r)
+
+
+def score_run_on_tune(record: dict[str, Any], tag: str) -> bool:
+    """Score one finished run's final weights on the tuning split (kept in its record). A run whose work dir was
+    lost before it was scored cannot take part in the choices made on the tuning split: its record is set aside
+    (runs/superseded/) so that it is trained again; returns False then."""
+    path = record_path(tag, record["run"], record["seed"])
+    try:
+        weights = final_student_weights(record)
+    except FileNotFoundError:
+        reason = f"its weights ({record['work_dir']}) were lost before it was scored on the tuning split"
+        print(f"[bench] {path.name}: {reason}; set aside in {set_aside(path, reason).parent.name}/", flush=True)
+        return False
+    model = "student" if is_distill_recipe(recipe_path(record["recipe"])) else "model"
+    tune_ap(record, path, record["recipe"], weights, model)
+    return True
 
 
 def write_derived_recipe(name: str, addition: str, base: str) -> str:
@@ -843,8 +864,14 @@ def main() -> None:
         help="where the cached teachers are trained and kept (default work_dirs/bench; a relative path is relative "
         "to the repository)",
     )  # fmt: skip
+    parser.add_argument(
+        "--runs-dir", type=Path, default=RUNS_DIR["root"],
+        help="where the students' runs are trained (default work_dirs/bench); keep it where it outlives the session "
+        "so that a run cut off is resumed, not restarted",
+    )  # fmt: skip
     args = parser.parse_args()
     TEACHER_DIR["root"] = args.teacher_dir if args.teacher_dir.is_absolute() else REPO / args.teacher_dir
+    RUNS_DIR["root"] = args.runs_dir if args.runs_dir.is_absolute() else REPO / args.runs_dir
     mode = "quick" if args.quick else "full"
     tag = TAG[mode]
     opts = QUICK_STUDENT_OPTS if args.quick else []
@@ -966,12 +993,22 @@ def main() -> None:
         for _, recipe, _, run_opts in batch:
             recipe_digest(recipe, tuple(run_opts))
         checkpoints = {tid: t["checkpoint"] for tid, t in teachers.items()}
+        import detkd.engine.checkpoint  # noqa: F401  (final_student_weights, in the workers)
+
+        def run_and_score(name: str, recipe: str, seed: int, run_opts: list[str]) -> dict[str, Any]:
+            """Train one run and score it on the tuning split at once: a session may end before the batch does,
+            and the next one may not have the run's weights any more."""
+            record = run_student(name, recipe, seed, checkpoints, run_opts, tag)
+            if not args.quick and (name == "baseline" or _is_method(name)) and "tune_AP" not in record:
+                score_run_on_tune(record, tag)
+            return record
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_student, n, r, s, checkpoints, o, tag) for n, r, s, o in batch]
+            futures = [pool.submit(run_and_score, n, r, s, o) for n, r, s, o in batch]
             for (name, _, seed, _), future in zip(batch, futures):
                 try:
                     records.setdefault(name, []).append(future.result())
-                except RuntimeError as err:  # one failed run must not throw away the others' hours
+                except (RuntimeError, subprocess.CalledProcessError) as err:  # one failed run: the others go on
                     failures.append(f"{name} seed {seed}: {err}")
                     print(f"[bench] FAILED {name} seed {seed}: {err}", flush=True)
         if not args.quick:  # every choice after this batch is taken on the tuning split

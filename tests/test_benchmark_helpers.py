@@ -494,3 +494,25 @@ def test_a_record_of_a_changed_recipe_is_set_aside_and_kept(accuracy, tmp_path, 
         assert kept["AP"] == 0.3 and "changed" in kept["superseded"]
     finally:
         accuracy.recipe_digest.cache_clear()  # the digests of the copied recipes must not outlive the test
+
+
+def test_a_run_whose_weights_were_lost_before_scoring_is_set_aside_to_run_again(accuracy, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(accuracy, "REPO", tmp_path)
+    scored = []
+    monkeypatch.setattr(accuracy, "tune_ap", lambda record, path, recipe, weights, model: scored.append(weights))
+    lost = {"run": "baseline", "seed": 0, "recipe": "student.yaml", "work_dir": "gone", "AP": 0.3}
+    kept = {"run": "baseline", "seed": 1, "recipe": "student.yaml", "work_dir": "here", "AP": 0.31}
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "last.pth").write_bytes(b"weights")
+    for r in (lost, kept):
+        accuracy._write_json(accuracy.record_path("v2", "baseline", r["seed"]), r)
+    assert accuracy.score_run_on_tune(kept, "v2") and scored == [tmp_path / "here" / "last.pth"]
+    assert not accuracy.score_run_on_tune(lost, "v2")
+    assert not accuracy.record_path("v2", "baseline", 0).exists()
+    assert "lost" in json.loads((tmp_path / "runs" / "superseded" / "v2_baseline_s0.json").read_text())["superseded"]
+    lost_too = {**lost, "seed": 2}
+    accuracy._write_json(accuracy.record_path("v2", "baseline", 2), lost_too)
+    records = {"baseline": [lost_too, kept]}
+    accuracy.score_on_tune(records, "v2")  # the lost run leaves the records, so that the plan trains it again
+    assert records == {"baseline": [kept]} and not accuracy.record_path("v2", "baseline", 2).exists()
