@@ -305,3 +305,47 @@ def test_a_loss_may_select_its_teachers(tmp_path):
     unknown = [LossSpec("mse", build_feature_loss("mse"), 1.0, ("p3",), teachers=("x",))]
     with pytest.raises(ValueError, match=r"loss 'mse' names teachers \['x'\]"):
         Distiller(two_teachers(), detector("retinanet", 16, 2), unknown, probe_size=64)
+
+
+def test_confidence_weighting_slices_faster_rcnn_roi_records_image_by_image():
+    """Two identical Faster R-CNN teachers are equally confident on every image (weights 1/2), so evaluating roi_kd
+    image by image (``StepRecord.image``: each image's ROIs, their logits and deltas, their labels) and averaging
+    must give the batch term of ``fixed`` 1:1 weighting: with ``max_rois`` every image keeps the same number of ROIs,
+    and the mean of the per-image means is the batch mean."""
+
+    def faster_rcnn(seed: int, fpn: int):
+        torch.manual_seed(seed)
+        return build_detector("faster_rcnn", "resnet18", NUM_CLASSES, fpn_channels=fpn, min_size=64, max_size=64)
+
+    images, targets = two_image_batch()
+    terms = {}
+    for mode in ("fixed", "confidence"):
+        teachers = [TeacherSpec(name, faster_rcnn(0, 32), weight=1.0) for name in ("a", "b")]
+        head = [LossSpec("roi_kd", HEAD_LOSSES["roi_kd"](max_rois=8, box_weight=1.0), 1.0)]
+        d = Distiller(teachers, faster_rcnn(1, 16), (), head, probe_size=64,
+                      weighting=TeacherWeighting(mode, temperature=1.0)).train()  # fmt: skip
+        torch.manual_seed(5)  # the student's proposal sampling draws the same ROIs in both modes
+        terms[mode] = {k: v.detach() for k, v in d(images, targets).items() if k.startswith("distill/")}
+        if mode == "confidence":
+            assert d.log_scalars["teachers/weight/a"] == pytest.approx(0.5)
+        if mode == "fixed":  # each image's record holds that image's 8 ROIs, and together they are the batch's
+            torch.manual_seed(5)
+            record = d.record_teachers(images, targets)[0]["a"]
+            parts = [record.image(i) for i in range(len(images))]
+
+            def kept(r, side):
+                keep = r.student.roi_keep_flat()
+                logits = getattr(r, side).roi_logits
+                return logits[keep] if side == "student" and keep is not None else logits
+
+            for side in ("student", "teacher"):
+                per_image = [kept(p, side) for p in parts]
+                assert [len(x) for x in per_image] == [8, 8]
+                assert torch.equal(torch.cat(per_image), kept(record, side))
+            labels = [p.roi_labels()[p.student.roi_keep_flat()] for p in parts]
+            assert torch.equal(torch.cat(labels), record.roi_labels()[record.student.roi_keep_flat()])
+    names = {f"distill/roi_kd/{t}/{part}" for t in ("a", "b") for part in ("cls", "box")}
+    assert set(terms["fixed"]) == set(terms["confidence"]) == names
+    assert terms["fixed"]["distill/roi_kd/a/box"] > 0  # foreground ROIs were distilled
+    for k in names:
+        assert torch.allclose(terms["confidence"][k], terms["fixed"][k], rtol=1e-5, atol=1e-7), k
