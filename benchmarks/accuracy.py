@@ -47,7 +47,8 @@ Every finished run is stored in ``benchmarks/results/runs/<tag>_<run>_s<seed>.js
 again, so the benchmark can be completed over several invocations (and the results of an interrupted invocation are
 kept). A record carries a digest of its resolved recipe: when the recipe changes, the record is set aside in
 ``runs/superseded/`` (kept, never deleted) and the run trains again. Each run is scored on the tuning split as soon
-as it ends; ``--runs-dir`` keeps the students' work dirs where they outlive a session, so a run cut off resumes. ``--plan`` prints the planned runs and the estimated elapsed time without training. ``--quick`` trains its
+as it ends; ``--runs-dir`` keeps the students' work dirs where they outlive a session, so a run cut off resumes.
+``--plan`` prints the planned runs and the estimated elapsed time without training. ``--quick`` trains its
 own short teacher and a few students on a short schedule. ``--jobs N`` runs N trainings at a time, each with
 ``cores / N`` threads (``OMP_NUM_THREADS``). A failed run is reported and the others go on.
 

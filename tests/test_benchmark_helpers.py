@@ -516,3 +516,17 @@ def test_a_run_whose_weights_were_lost_before_scoring_is_set_aside_to_run_again(
     records = {"baseline": [lost_too, kept]}
     accuracy.score_on_tune(records, "v2")  # the lost run leaves the records, so that the plan trains it again
     assert records == {"baseline": [kept]} and not accuracy.record_path("v2", "baseline", 2).exists()
+
+
+def test_grad_scales_groups_terms_by_loss_and_measures_the_gradient_norm():
+    grad_scales = _load("grad_scales")
+    assert grad_scales.term_group("task/classification") == "task"
+    assert grad_scales.term_group("distill/fgd/p3") == grad_scales.term_group("distill/fgd/p5") == "fgd"
+    assert grad_scales.term_group("distill/logit_kd/box") == "logit_kd/box"
+    assert grad_scales.term_group("distill/pkd/fcos/p4") == "pkd/fcos"
+    import torch
+
+    w = torch.tensor([3.0, -4.0], requires_grad=True)
+    v = torch.tensor([1.0], requires_grad=True)
+    # d/dw sum(w^2) = 2w -> norm 10; v gets no gradient and is left out
+    assert grad_scales.grad_norm((w**2).sum(), [w, v]) == pytest.approx(10.0)
