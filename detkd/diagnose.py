@@ -11,8 +11,10 @@ summed) it follows the ratio ``r = |loss| / task loss`` over training and report
 * ``dominates``: its median ratio over the first quarter is above 100 — the student mostly imitates and hardly learns
   the task;
 
-and, across the run, ``weak teacher`` (the teacher's val AP does not exceed the student's best) and ``no gain``
-(the student's best val AP is not above the baseline's). :func:`plot_ratios` draws the ratios over time.
+and, across the run, ``weak teacher`` (the teacher's val AP does not exceed the student's best), ``no gain``
+(the student's best val AP is not above the baseline's) and ``peaked attention`` (an FGD-style loss whose teacher
+attention maps were nearly one-hot on the first step, from ``RUN_DIR/attention_check.json``; see
+:mod:`detkd.attention_check`). :func:`plot_ratios` draws the ratios over time.
 """
 
 from __future__ import annotations
@@ -139,6 +141,12 @@ def diagnose_run(run_dir: PathLike, baseline_dir: Optional[PathLike] = None) -> 
         elif start > DOMINANCE:
             message = f"{start:.3g} x the task loss over the first quarter of training"
             findings.append(Finding("dominates", subject, message, _DOMINATES))
+    from detkd.attention_check import by_loss, describe, is_peaked, read_entries
+
+    for name, group in by_loss(read_entries(run)).items():
+        if any(is_peaked(e) for e in group):
+            message, suggestion = describe(group)
+            findings.append(Finding("peaked attention", f"distill/{name}", message, suggestion))
     student_ap = _best_ap(records)
     teacher_file = run / "teacher_val.json"
     if teacher_file.is_file() and student_ap is not None:

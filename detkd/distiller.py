@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from detkd.losses.base import HeadLoss, PairInfo
 from detkd.losses.context import StepRecord
 from detkd.losses.scaling import LossScaler
+from detkd.masks import attention_spread
 from detkd.models.families import DetectorFamily, family_of
 from detkd.models.taps import (
     FeatureTap,
@@ -380,6 +381,10 @@ class Distiller(nn.Module):
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
         self.recorder = ModelRecorder(student, record_rpn="teacher_rpn" in self.needs)
         self._anchor_cache: dict = {}  # the student's anchors for the last batch shape (see StepRecord)
+        # the spread of the teacher's attention maps of FGD-style losses, measured on the first training step
+        # (detkd.attention_check); empty until then, and for recipes without such a loss
+        self.attention_spread: list[dict] = []
+        self._attention_measured = False
 
     def _build_slot(self, spec, feature_losses, head_losses, s_channels, probe_size, used_modules, pristine):
         """One teacher's levels, adapters, losses (module copies after the first teacher) and pair checks, in the
@@ -864,6 +869,8 @@ class Distiller(nn.Module):
         """
         if isinstance(records, StepRecord):
             records = {self.slots[0].name: records}
+        if not self._attention_measured:
+            self._measure_attention(records)
         if weights is None:
             weights = self.teacher_weights(records)
         losses: dict[str, torch.Tensor] = {}
@@ -886,6 +893,26 @@ class Distiller(nn.Module):
             if slot.mode == "online" and self.mutual:
                 losses.update(self._mutual_terms(slot, record))
         return losses
+
+    @torch.no_grad()
+    def _measure_attention(self, records: dict[str, StepRecord]) -> None:
+        """Once: how far the teacher's attention maps spread (:func:`detkd.masks.attention_spread`) for every loss
+        that weights by them (``uses_attention_maps``), per teacher and level, into :attr:`attention_spread`."""
+        self._attention_measured = True
+        for slot in self.slots:
+            record = records.get(slot.name)
+            for spec in slot.feature_specs if record is not None else ():
+                temperature = spec.module.attention_temperature
+                if not getattr(spec.module, "uses_attention_maps", False) or temperature is None:
+                    continue
+                for lvl in spec.levels:
+                    t = record.teacher.features[lvl]
+                    cells, channels = attention_spread(t, temperature)
+                    self.attention_spread.append({
+                        "loss": spec.name, "teacher": slot.name if self.named else None, "level": lvl,
+                        "temperature": float(temperature), "cells": cells, "of_cells": t.shape[2] * t.shape[3],
+                        "channels": channels, "of_channels": t.shape[1], "mean_abs": float(t.abs().mean()),
+                    })  # fmt: skip
 
     def _mutual_terms(self, slot: TeacherSlot, record: StepRecord) -> dict[str, Tensor]:
         """Deep mutual learning (Zhang et al., CVPR 2018): each model also learns from the other's detached outputs.

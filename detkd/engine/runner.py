@@ -554,6 +554,10 @@ def train_distill(
         from detkd.losses.scaling import AutoWeightReport
 
         callbacks.append(AutoWeightReport(distiller.scaler, out / "auto_weights.json", show=show))
+    if is_main_process():
+        from detkd.attention_check import AttentionCheckReport
+
+        callbacks.append(AttentionCheckReport(distiller, out / "attention_check.json", show=show))
     trainer = Trainer(
         cfg,
         distiller,

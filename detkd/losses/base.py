@@ -101,9 +101,13 @@ class FeatureLoss(nn.Module):
 
     Attributes:
         needs: names from :data:`NEEDS` this loss reads from the record (through ``ctx``).
+        uses_attention_maps: the loss weights by the teacher's spatial/channel attention at
+            :attr:`attention_temperature` (FGD, attention-guided); the Distiller then checks on the first step that
+            those maps are not one-hot (:mod:`detkd.attention_check`).
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    uses_attention_maps: ClassVar[bool] = False
 
     def setup_levels(self, channels: dict[str, int]) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Build learnable per-level parts (``{level: teacher channels}``); called before the optimizer exists."""

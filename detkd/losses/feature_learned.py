@@ -63,6 +63,8 @@ class FGDLoss(FeatureLoss):
         gc_ratio: Bottleneck ratio of the GcBlocks (FGD: 2).
     """
 
+    uses_attention_maps = True
+
     def __init__(
         self,
         temperature: float = 0.5,
@@ -123,6 +125,8 @@ class AttentionGuidedLoss(FeatureLoss):
         non_local: Add the non-local relation term (learnable non-local blocks per level).
         non_local_weight: Weight of the non-local term.
     """
+
+    uses_attention_maps = True
 
     def __init__(
         self,
