@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from detkd.losses.base import HeadLoss, PairInfo
 from detkd.losses.context import StepRecord
 from detkd.losses.scaling import LossScaler
-from detkd.masks import attention_spread
+from detkd.masks import attention_spread, flat_attention_temperature
 from detkd.models.families import DetectorFamily, family_of
 from detkd.models.taps import (
     FeatureTap,
@@ -912,6 +912,7 @@ class Distiller(nn.Module):
                         "loss": spec.name, "teacher": slot.name if self.named else None, "level": lvl,
                         "temperature": float(temperature), "cells": cells, "of_cells": t.shape[2] * t.shape[3],
                         "channels": channels, "of_channels": t.shape[1], "mean_abs": float(t.abs().mean()),
+                        "flat_temperature": flat_attention_temperature(t, temperature),
                     })  # fmt: skip
 
     def _mutual_terms(self, slot: TeacherSlot, record: StepRecord) -> dict[str, Tensor]:

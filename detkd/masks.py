@@ -24,6 +24,7 @@ __all__ = [
     "box_masks",
     "spatial_attention",
     "attention_spread",
+    "flat_attention_temperature",
     "channel_attention",
     "grid_anchors",
     "retinanet_anchor_sizes",
@@ -154,6 +155,28 @@ def attention_spread(feat: Tensor, temperature: float) -> tuple[float, float]:
 
     pooled = feat.detach().abs()
     return perplexity(pooled.mean(dim=1).flatten(1)), perplexity(pooled.mean(dim=(2, 3)))
+
+
+def flat_attention_temperature(feat: Tensor, temperature: float, share: float = 0.9) -> float:
+    """The smallest temperature (from ``temperature`` up, within 1 %) at which both attention maps of ``feat``
+    spread over at least ``share`` of their cells and channels (:func:`attention_spread`). Bisection in log space;
+    the perplexity grows with the temperature."""
+
+    def flat(t: float) -> bool:
+        cells, channels = attention_spread(feat, t)
+        return cells >= share * feat.shape[2] * feat.shape[3] and channels >= share * feat.shape[1]
+
+    low, high = float(temperature), float(temperature)
+    if flat(low):
+        return low
+    while not flat(high):
+        low, high = high, high * 4
+        if high > 1e8:  # a constant map is flat at any T; this only guards against a degenerate input
+            return high
+    while high / low > 1.01:
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if flat(mid) else (mid, high)
+    return high
 
 
 def retinanet_anchor_sizes(stride: float) -> tuple[float, ...]:

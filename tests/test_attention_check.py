@@ -14,7 +14,7 @@ from detkd.attention_check import AttentionCheckReport, describe, is_peaked, sug
 from detkd.diagnose import diagnose_run
 from detkd.distiller import Distiller, LossSpec
 from detkd.losses import build_feature_loss
-from detkd.masks import attention_spread
+from detkd.masks import attention_spread, flat_attention_temperature
 from detkd.models.build import build_detector
 
 
@@ -35,9 +35,17 @@ def test_attention_spread_by_hand():
     assert attention_spread(10 * big, 5.0)[0] == pytest.approx(attention_spread(big, 0.5)[0])
 
 
-def entry(level: str, cells: float, of_cells: int, channels: float, of_channels: int, mean_abs: float) -> dict:
+def test_the_flat_temperature_is_the_smallest_that_spreads_the_maps_over_90_percent():
+    feat = torch.tensor([[[[1.0, 0.0]]]])  # one channel, two cells at |F| = 1 and 0
+    t = flat_attention_temperature(feat, 0.5)
+    assert attention_spread(feat, t)[0] >= 1.8 > attention_spread(feat, t / 1.02)[0]
+    assert flat_attention_temperature(torch.ones(1, 3, 2, 2), 0.5) == 0.5  # flat already
+
+
+def entry(level, cells, of_cells, channels, of_channels, mean_abs, flat_temperature=20.0) -> dict:
     return {"loss": "fgd", "teacher": None, "level": level, "temperature": 0.5, "cells": cells, "of_cells": of_cells,
-            "channels": channels, "of_channels": of_channels, "mean_abs": mean_abs}  # fmt: skip
+            "channels": channels, "of_channels": of_channels, "mean_abs": mean_abs,
+            "flat_temperature": flat_temperature}  # fmt: skip
 
 
 def test_the_peaked_rule_and_the_suggested_temperature():
@@ -47,14 +55,14 @@ def test_the_peaked_rule_and_the_suggested_temperature():
     assert not is_peaked(entry("p7", 1.0, 1, 2.0, 2, 1.0))  # a 1 x 1 map has one cell; 2 flat channels
     assert is_peaked(entry("p6", 1.9, 4, 2.0, 2, 1.0))  # under 2 cells: mostly one
     group = [
-        entry("p3", 1.7, 256, 1.1, 128, 13.4),
-        entry("p4", 3.6, 64, 1.6, 128, 8.6),
-        entry("p5", 8.0, 16, 8.0, 128, 3.5),
+        entry("p3", 1.7, 256, 1.1, 128, 13.4, 17.3),
+        entry("p4", 3.6, 64, 1.6, 128, 8.6, 9.0),
+        entry("p5", 8.0, 16, 8.0, 128, 3.5, 4.0),
     ]
-    assert suggested_temperature(group) == pytest.approx(4.2)  # 0.5 x (13.4 + 8.6 + 3.5) / 3 = 4.25 -> 4.2
+    assert suggested_temperature(group) == pytest.approx(17.0)  # the largest over the levels, 2 digits
     message, suggestion = describe(group)
     assert "p3: 1.7 of 256 cells, 1.1 of 128 channels" in message and "p5" not in message.split(")")[0]
-    assert "temperature to about 4.2" in suggestion
+    assert "temperature to about 17" in suggestion
 
 
 def detector(arch: str, fpn: int, seed: int):
@@ -75,6 +83,7 @@ def test_the_distiller_measures_the_teachers_maps_on_its_first_step_only():
     assert got[0]["of_cells"] == t3.shape[2] * t3.shape[3] and got[0]["of_channels"] == 32
     assert got[0]["mean_abs"] == pytest.approx(float(t3.abs().mean()))
     assert (got[0]["cells"], got[0]["channels"]) == pytest.approx(attention_spread(t3, 0.5))
+    assert got[0]["flat_temperature"] == pytest.approx(flat_attention_temperature(t3, 0.5))
     d.compute_losses(records)
     assert len(d.attention_spread) == 2  # measured once
 
@@ -87,11 +96,11 @@ def test_a_peaked_map_is_reported_at_the_first_step_and_by_the_diagnosis(tmp_pat
     report(None, 1, {})
     report(None, 2, {})
     out = capsys.readouterr().out
-    assert out.count("warning: distill/fgd:") == 1 and "temperature to about 5.5" in out  # 0.5 x 11.0
+    assert out.count("warning: distill/fgd:") == 1 and "temperature to about 20" in out
     assert json.loads((tmp_path / "attention_check.json").read_text()) == FakeDistiller.attention_spread
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"type": "train", "iter": 10, "task/classification": 1.0, "distill/fgd/p3": 1.0}) + "\n"
     )
     findings = diagnose_run(tmp_path)
     assert [(f.kind, f.subject) for f in findings] == [("peaked attention", "distill/fgd")]
-    assert "about 5.5" in findings[0].suggestion
+    assert "about 20" in findings[0].suggestion
