@@ -7,9 +7,10 @@ first ``--batches`` training batches (train split, seed 0; never val) and report
 
 - the loss value and ``||d term / d student||`` over the student's own parameters (backbone, FPN, head; not the
   adapters or learnable loss parts), summed over the term's levels;
-- the ratio of each distillation group's gradient norm to the task's, and the factor by which ``grad_clip``
-  scales the whole step (``min(1, clip / ||total gradient||)``, the total over every trainable parameter as in
-  the trainer), i.e. how much of the task's own step survives.
+- the ratio of each distillation group's gradient norm to the task's, the cosine between the two gradients (mean
+  over the batches; near 0: the term pulls in a direction the task does not care about), and the factor by which
+  ``grad_clip`` scales the whole step (``min(1, clip / ||total gradient||)``, the total over every trainable
+  parameter as in the trainer), i.e. how much of the task's own step survives.
 
 The student is the fresh one of the recipe (seed 0) or, with ``--ckpt``, a trained run's (``last.pth`` of
 ``train_distill.py``: student, adapters and loss parts), so a term can be inspected where training left it.
@@ -43,11 +44,16 @@ def term_group(name: str) -> str:
     return "/".join(parts[1:-1] if is_level else parts[1:])
 
 
-def grad_norm(loss, params) -> float:
+def flat_grad(loss, params):
+    """``d loss / d params`` as one float64 vector (zeros where a parameter gets no gradient)."""
     import torch
 
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).double().flatten() for g, p in zip(grads, params)])
+
+
+def grad_norm(loss, params) -> float:
+    return float(flat_grad(loss, params).norm())
 
 
 def fgd_parts(m, s, t, ctx) -> dict[str, Any]:
@@ -133,10 +139,14 @@ def measure(
         groups: dict[str, Any] = {}
         for name, value in losses.items():
             groups[term_group(name)] = groups.get(term_group(name), 0.0) + value
+        task_grad = flat_grad(groups["task"], student_params)
         for group, value in groups.items():
-            entry = sums.setdefault(group, {"loss": 0.0, "grad_norm": 0.0})
+            entry = sums.setdefault(group, {"loss": 0.0, "grad_norm": 0.0, "cos_with_task": 0.0})
+            grad = flat_grad(value, student_params)
             entry["loss"] += float(value.detach()) / batches
-            entry["grad_norm"] += grad_norm(value, student_params) / batches
+            entry["grad_norm"] += float(grad.norm()) / batches
+            cos = grad @ task_grad / (grad.norm() * task_grad.norm()).clamp_min(1e-30)
+            entry["cos_with_task"] += float(cos) / batches
         total = grad_norm(sum(groups.values()), all_params)
         total_norms.append(total)
         clip_factors.append(min(1.0, clip / total) if clip else 1.0)
@@ -179,8 +189,9 @@ def main() -> None:
         print(f"{r['recipe']}  [{where}, {r['batches']} batches]  total grad norm {r['total_grad_norm']:.3g}, "
               f"clip {r['grad_clip']} -> step scaled by {r['clip_factor']:.3g}")  # fmt: skip
         for group, e in sorted(r["groups"].items(), key=lambda kv: (kv[0] != "task", kv[0])):
+            cos = f"   cos with task {e['cos_with_task']:6.3f}" if "cos_with_task" in e else ""
             print(f"  {group:16s} loss {e['loss']:9.4g}   grad norm {e['grad_norm']:9.4g}   "
-                  f"x task {e['grad_ratio_to_task']:8.3g}")  # fmt: skip
+                  f"x task {e['grad_ratio_to_task']:8.3g}{cos}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))
