@@ -98,6 +98,9 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("logit_kd", "logit_kd.yaml", 2, 1),
     ("fgd_logit_kd", "combo.yaml", 2, 0),  # a combination fixed before any run
     ("cwd_logit_kd", "combo_cwd.yaml", 2, 0),  # the best feature + the best head method of the first regime
+    # the fixes of two rows that lost, each chosen on the tuning split (benchmarks/results/probes/)
+    ("fgd_flat_attention", "fgd_flat_attention.yaml", 2, 0),  # FGD at T 50: its maps are one-hot at 0.5 here
+    ("pkd_p3p5", "pkd_p3p5.yaml", 2, 0),  # PKD without the 2 x 2 / 1 x 1 levels
     ("cross_kd", "cross_kd.yaml", 2, 0),  # issue 16
     ("mse_auto", "mse_auto.yaml", 2, 0),  # weight: auto against mse's one-batch rule
     ("fgd_auto", "fgd_auto.yaml", 2, 0),
@@ -115,7 +118,21 @@ RUNS: list[tuple[str, str, int, int]] = [
     ("mutual_pkd", "mutual_pkd.yaml", 2, 0),
     ("born_again", "born_again.yaml", 2, 0),  # FCOS R34-FPN128 student, the teacher's schedule: against the teacher
 ]
-FEATURE_RUNS = ("mse", "fgfi", "defeat", "gid", "attention", "fgd", "pkd", "cwd", "mse_auto", "fgd_auto", "defeat_auto")
+FEATURE_RUNS = (
+    "mse",
+    "fgfi",
+    "defeat",
+    "gid",
+    "attention",
+    "fgd",
+    "pkd",
+    "cwd",
+    "fgd_flat_attention",
+    "pkd_p3p5",
+    "mse_auto",
+    "fgd_auto",
+    "defeat_auto",
+)
 # Rows built on the best feature / best overall recipe of the first pass, ranked on the TUNING split (never val):
 # (run name, what is added, seeds). Their recipes are written to configs/bench/derived/ when the choice is made.
 DERIVED: list[tuple[str, str, int]] = [

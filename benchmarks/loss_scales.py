@@ -71,9 +71,17 @@ def yaml_float(x: float) -> str:
     return f"{x / 10**exponent:.1f}e{exponent:+d}"
 
 
+KEEP_MARK = "# loss_scales: keep"
+"""A recipe holding this line keeps its weights (its loss is measured with other parameters than the rule's recipe,
+e.g. fgd_flat_attention.yaml's temperature)."""
+
+
 def set_weight(path: Path, loss_type: str, weight: float) -> bool:
-    """Set ``weight`` of the ``{type: loss_type, ...}`` feature entry in a one-line flow-style recipe."""
+    """Set ``weight`` of the ``{type: loss_type, ...}`` feature entry in a one-line flow-style recipe (not in a
+    recipe marked :data:`KEEP_MARK`)."""
     text = path.read_text()
+    if KEEP_MARK in text:
+        return False
     # the key must be ``weight`` itself: ``\b`` keeps ``fg_weight``/``bg_weight``/``box_weight`` (which come earlier
     # in an entry such as defeat's) from being taken for it
     pattern = re.compile(r"(\{type: " + re.escape(loss_type) + r"\b[^{}]*?(?<![\w])weight: )([-+0-9.eE]+)")

@@ -70,6 +70,10 @@ def test_set_weight_leaves_the_fg_and_bg_weights_of_defeat_alone(loss_scales, tm
     auto = tmp_path / "defeat_auto.yaml"
     auto.write_text("distill: {features: [{type: defeat, fg_weight: 3.0, bg_weight: 12.0, weight: auto}]}\n")
     assert not loss_scales.set_weight(auto, "defeat", 2e-3)  # a self-calibrating recipe keeps weight: auto
+    kept = tmp_path / "fgd_flat_attention.yaml"
+    entry = "{type: fgd, temperature: 50.0, weight: 5.0e-3}"
+    kept.write_text(f"{loss_scales.KEEP_MARK}\ndistill: {{features: [{entry}]}}\n")
+    assert not loss_scales.set_weight(kept, "fgd", 1e-4) and "weight: 5.0e-3" in kept.read_text()
     assert yaml.safe_load(auto.read_text())["distill"]["features"][0]["fg_weight"] == 3.0
 
 
