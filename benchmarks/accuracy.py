@@ -208,8 +208,22 @@ def run_tool(
     return time.time() - start
 
 
+def interval_step_time(trains: list[dict[str, Any]], key: str = "time") -> Optional[float]:
+    """Seconds per training step: the median over consecutive train records of ``d key / d iter``.
+
+    The median leaves out the intervals that hold an evaluation and the one across a resume (a run cut off at
+    the end of one session and resumed in the next would otherwise count the hours in between), and needs no
+    record of either. ``key`` is ``time`` (wall clock) or ``cpu_time`` (the process's CPU seconds, which other
+    jobs sharing the cores barely change). None when fewer than two records carry ``key``."""
+    rates = [(b[key] - a[key]) / (b["iter"] - a["iter"]) for a, b in zip(trains, trains[1:])
+             if key in a and key in b and b["iter"] > a["iter"] and b[key] >= a[key]]  # fmt: skip
+    return statistics.median(rates) if rates else None
+
+
 def final_metrics(work_dir: Path) -> dict[str, Any]:
-    """The val metrics after the last epoch (from the run's metrics.jsonl), the learning curve and the time."""
+    """The val metrics after the last epoch (from the run's metrics.jsonl), the learning curve and the time:
+    ``step_s`` / ``train_time_s`` from the wall clock, ``cpu_step_s`` / ``cpu_train_time_s`` from the process's CPU
+    time where the trainer logged it (:func:`interval_step_time`)."""
     records = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if r["type"] == "val"]
     trains = [r for r in records if r["type"] == "train"]
@@ -217,11 +231,32 @@ def final_metrics(work_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"{work_dir}: no val record in metrics.jsonl")
     iters = trains[-1]["iter"] if trains else 0
     epochs = max(r["epoch"] for r in trains) + 1 if trains else 1
-    per_step = (trains[-1]["time"] - trains[0]["time"]) / max(iters - trains[0]["iter"], 1) if trains else 0.0
+    per_step = interval_step_time(trains) or 0.0
     ipe = iters // epochs
     curve = [[(r["epoch"] + 1) * ipe, r["AP"]] for r in vals]  # (steps, AP) of every evaluation
-    return {**vals[-1], "iterations": iters, "iters_per_epoch": ipe, "train_time_s": per_step * iters, "curve": curve,
-            "step_s": per_step}  # fmt: skip
+    out = {**vals[-1], "iterations": iters, "iters_per_epoch": ipe, "train_time_s": per_step * iters, "curve": curve,
+           "step_s": per_step}  # fmt: skip
+    out.pop("cpu_time", None)
+    cpu = interval_step_time(trains, "cpu_time")
+    if cpu is not None:
+        out.update(cpu_step_s=cpu, cpu_train_time_s=cpu * iters)
+    return out
+
+
+def refresh_timing(record: dict[str, Any]) -> bool:
+    """Re-derive a stored record's times from its work dir's metrics.jsonl when that is still there (records
+    written before :func:`interval_step_time` counted evaluations and resume gaps). True if anything changed."""
+    work = REPO / record.get("work_dir", "")
+    if "work_dir" not in record or not (work / "metrics.jsonl").is_file():
+        return False
+    try:
+        fresh = final_metrics(work)
+    except (RuntimeError, ValueError, KeyError):
+        return False
+    keys = ("train_time_s", "step_s", "cpu_step_s", "cpu_train_time_s")
+    changed = {k: fresh[k] for k in keys if k in fresh and record.get(k) != fresh[k]}
+    record.update(changed)
+    return bool(changed)
 
 
 def converged(curve: list[list[float]]) -> Optional[bool]:
@@ -446,8 +481,17 @@ def run_student(
     return record
 
 
-def _mean_time(records: list[dict[str, Any]]) -> float:
-    return statistics.mean(r["train_time_s"] for r in records)
+def _mean_time(records: list[dict[str, Any]], key: str = "train_time_s") -> float:
+    """The mean ``key`` over the records that have it."""
+    return statistics.mean(r[key] for r in records if key in r)
+
+
+def cost_time_key(*groups: list[dict[str, Any]]) -> str:
+    """``cpu_train_time_s`` when some record of every group has it (CPU time: what a run costs, whatever else
+    shared the cores while it trained; records older than the trainer's ``cpu_time`` lack it), else the wall-clock
+    ``train_time_s``."""
+    every = all(any("cpu_train_time_s" in r for r in g) for g in groups)
+    return "cpu_train_time_s" if every else "train_time_s"
 
 
 def _is_method(name: str) -> bool:
@@ -566,6 +610,8 @@ def aggregate(records: list[dict[str, Any]], teacher_ap: float, baseline_ap: Opt
     if all("tune_AP" in r for r in records):
         out["tune_AP"] = statistics.mean(r["tune_AP"] for r in records)
     out["train_time_s"] = statistics.mean(r["train_time_s"] for r in records)
+    if any("cpu_train_time_s" in r for r in records):
+        out["cpu_train_time_s"] = _mean_time(records, "cpu_train_time_s")
     out["iterations"] = records[0].get("iterations")
     if baseline_ap is not None:
         out["delta_AP"] = out["AP"] - baseline_ap
@@ -595,8 +641,10 @@ def reference_of(name: str) -> Optional[str]:
 
 
 def wall_time_opts(records: dict[str, list[dict[str, Any]]], best: str, opts: list[str]) -> list[str]:
-    """``--opts`` that give the baseline the (mean) train time of the best distilled run."""
-    ratio = _mean_time(records[best]) / _mean_time(records["baseline"])
+    """``--opts`` that give the baseline the (mean) train time of the best distilled run (CPU time when every record
+    of both has it: :func:`cost_time_key`)."""
+    key = cost_time_key(records[best], records["baseline"])
+    ratio = _mean_time(records[best], key) / _mean_time(records["baseline"], key)
     steps = round(records["baseline"][0]["iterations"] * ratio)
     ipe = records["baseline"][0]["iters_per_epoch"]
     return [*opts, f"train.epochs={math.ceil(steps / ipe)}", f"train.max_iters={steps}"]
@@ -931,6 +979,8 @@ def main() -> None:
     records: dict[str, list[dict[str, Any]]] = {}
     for path in sorted((RESULTS / "runs").glob(f"{tag}_*_s*.json")):  # every stored run of this regime
         record = json.loads(path.read_text())
+        if refresh_timing(record):
+            _write_json(path, record)
         records.setdefault(record["run"], []).append(record)
 
     def step_times() -> dict[str, float]:

@@ -8,7 +8,7 @@ measures the accuracy side of that choice on a Faster R-CNN pair small enough fo
   val at 128 px, the quickstart preset's knobs at that size: objects from 32 px, a quarter of the default clutter;
   generated on first use in ``data/roi_budget``, deterministic);
 - teacher: ``configs/bench/roi_budget/teacher.yaml``, Faster R-CNN R34-FPN64 from scratch, 800 steps, a learning curve
-  every 200; trained once and cached (``work_dirs/bench/roi_budget_teacher``), scored on val and the tuning split;
+  every 200; trained once and cached (``<--teacher-dir>/roi_budget_teacher``), scored on val and the tuning split;
 - student: Faster R-CNN R18-FPN32 from scratch, 400 steps, the same initialisation for every row (same seed);
 - rows: the baseline (no distillation) and ``roi_kd`` with ``max_rois`` null (every sampled ROI), 128 and 32, the
   same loss otherwise, :data:`SEEDS` seeds each;
@@ -25,6 +25,7 @@ script runs again (an interrupted training resumes from its ``last.pth``). ``--j
 each with ``cores / N`` threads; the teacher trains alone first. Writes ``benchmarks/results/roi_kd_budget.{json,md}``.
 
     python benchmarks/roi_kd_budget.py --jobs 2          # the study (resumable)
+    python benchmarks/roi_kd_budget.py --jobs 2 --teacher-dir checkpoints/bench --runs-dir checkpoints/bench_runs
     python benchmarks/roi_kd_budget.py --plan --jobs 2   # what is left, and how long it should take
     python benchmarks/roi_kd_budget.py --report-only     # tabulate the stored runs
 """
@@ -105,13 +106,16 @@ def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str) -> dict[st
     out = record_path(name, seed)
     if out.is_file():
         return json.loads(out.read_text())
-    work = REPO / "work_dirs" / "bench" / f"{STUDY}_{name}_s{seed}"
+    work = protocol.RUNS_DIR["root"] / f"{STUDY}_{name}_s{seed}"
     script, opts = training_command(recipe, seed, teacher_ckpt)
     print(f"[roi_budget] {name} seed {seed}", flush=True)
     wall = protocol.run_tool(script, protocol.recipe_path(recipe), work, opts, work / "stdout.log")
     record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, "threads": protocol.THREADS["per_run"],
-              "work_dir": str(work.relative_to(REPO)), **protocol.final_metrics(work)}  # fmt: skip
+              "work_dir": protocol._repo_relative(work), **protocol.final_metrics(work)}  # fmt: skip
     protocol._write_json(out, record)
+    # scored at once, so a session cut off before the end of the study keeps what the choice needs
+    distilled = protocol.is_distill_recipe(protocol.recipe_path(recipe))
+    tune_ap(record, out, recipe, protocol.final_student_weights(record), "student" if distilled else "model")
     return record
 
 
@@ -267,8 +271,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these run names")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the stored runs")
     parser.add_argument("--plan", action="store_true", help="print the runs still to do and the estimated time")
+    parser.add_argument("--teacher-dir", type=Path, default=protocol.TEACHER_DIR["root"],
+                        help="where the study's teacher is trained and kept (as accuracy.py's)")  # fmt: skip
+    parser.add_argument("--runs-dir", type=Path, default=protocol.RUNS_DIR["root"],
+                        help="where the students' work dirs live (keep them past the session)")  # fmt: skip
     args = parser.parse_args()
     jobs = max(1, args.jobs)
+    protocol.TEACHER_DIR["root"] = args.teacher_dir if args.teacher_dir.is_absolute() else REPO / args.teacher_dir
+    protocol.RUNS_DIR["root"] = args.runs_dir if args.runs_dir.is_absolute() else REPO / args.runs_dir
     start = time.time()
     sys.path.insert(0, str(REPO))
     from detkd.config import load_config

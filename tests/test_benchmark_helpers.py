@@ -534,3 +534,74 @@ def test_grad_scales_groups_terms_by_loss_and_measures_the_gradient_norm():
     v = torch.tensor([1.0], requires_grad=True)
     # d/dw sum(w^2) = 2w -> norm 10; v gets no gradient and is left out
     assert grad_scales.grad_norm((w**2).sum(), [w, v]) == pytest.approx(10.0)
+
+
+def test_pseudo_label_quality_counts_the_added_boxes_by_their_overlap_with_the_ground_truth():
+    import torch
+
+    quality = _load("pseudo_label_quality")
+    gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]), "labels": torch.tensor([1, 2])}
+    kept = {  # sorted by decreasing score, as filter_detections returns them
+        "boxes": torch.tensor(
+            [
+                [0.0, 0.0, 10.0, 10.0],  # the first GT box, its class: a true positive, not added
+                [20.0, 20.0, 30.0, 30.0],  # the second GT box, wrong class: no TP, IoU 1 -> not added
+                [0.0, 0.0, 10.0, 25.0],  # IoU 100/250 = 0.4 with the first box, class 1: added, [0.3, merge)
+                [8.0, 8.0, 18.0, 18.0],  # IoU 4/196 with the first box, class 3: added, (0, 0.3)
+                [50.0, 50.0, 60.0, 60.0],  # on no GT box: added, IoU 0
+            ]
+        ),
+        "labels": torch.tensor([1, 3, 1, 3, 1]),
+    }
+    s = quality.image_stats(gt, kept, merge_iou=0.5)
+    assert (s["gt"], s["kept"], s["tp"], s["added"]) == (2, 5, 1, 3)
+    assert (s["added_iou_0"], s["added_iou_(0,0.3)"], s["added_iou_[0.3,merge)"]) == (1, 1, 1)
+    assert s["added_same_class"] == 1  # only the misplaced class-1 box agrees with the GT box it overlaps
+    empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
+    assert quality.image_stats(empty, kept, 0.5)["added_iou_0"] == 5  # no GT: every box is added, on no object
+    assert quality.image_stats(gt, empty, 0.5)["added"] == 0
+    summary = quality.summarize([s, quality.image_stats(gt, empty, 0.5)])
+    assert summary["images"] == 2 and summary["added_per_image"] == pytest.approx(1.5)
+    assert summary["teacher_recall"] == pytest.approx(1 / 4) and summary["teacher_precision"] == pytest.approx(1 / 5)
+    assert summary["images_with_added"] == pytest.approx(0.5)
+    assert summary["added_share_by_best_iou"] == pytest.approx({"0": 1 / 3, "(0,0.3)": 1 / 3, "[0.3,merge)": 1 / 3})
+
+
+def test_step_time_leaves_out_evaluations_and_the_gap_across_a_resume(accuracy, tmp_path):
+    # 0.5 s and 0.2 CPU s per step; an evaluation (+30 s) after iter 100, a resume after iter 150: the process's
+    # clock restarts and a night passes
+    rows = []
+    for it, t, cpu in [(50, 100.0, 10.0), (100, 125.0, 20.0), (150, 180.0, 40.0), (200, 205.0, 50.0),
+                       (250, 40205.0, 9.0), (300, 40230.0, 19.0), (350, 40255.0, 29.0)]:  # fmt: skip
+        rows.append({"type": "train", "iter": it, "epoch": (it - 1) // 100, "time": t, "cpu_time": cpu, "loss": 1.0})
+    rows.insert(3, {"type": "val", "iter": 150, "epoch": 1, "time": 170.0, "AP": 0.2})
+    rows.append({"type": "val", "iter": 350, "epoch": 3, "time": 40300.0, "cpu_time": 49.0, "AP": 0.4})
+    trains = [r for r in rows if r["type"] == "train"]
+    assert accuracy.interval_step_time(trains) == pytest.approx(0.5)
+    assert accuracy.interval_step_time(trains, "cpu_time") == pytest.approx(0.2)
+    assert accuracy.interval_step_time([{"iter": 1, "time": 3.0}], "time") is None
+    assert accuracy.interval_step_time(trains[:3], "missing") is None
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    m = accuracy.final_metrics(work)
+    assert m["AP"] == 0.4 and "cpu_time" not in m
+    assert m["step_s"] == pytest.approx(0.5) and m["train_time_s"] == pytest.approx(0.5 * 350)
+    assert m["cpu_step_s"] == pytest.approx(0.2) and m["cpu_train_time_s"] == pytest.approx(0.2 * 350)
+    # an old record (times over the whole log) is re-derived while its work dir is still there
+    record = {"work_dir": str(work), "train_time_s": 999.0, "step_s": 2.85}
+    assert accuracy.refresh_timing(record) and record["step_s"] == pytest.approx(0.5)
+    assert not accuracy.refresh_timing(record)  # nothing left to change
+    assert not accuracy.refresh_timing({"work_dir": str(tmp_path / "gone"), "step_s": 1.0})
+
+
+def test_the_wall_time_baseline_gets_the_cpu_time_ratio_when_both_rows_have_it(accuracy):
+    base = [
+        {"iterations": 2400, "iters_per_epoch": 200, "train_time_s": 300.0, "cpu_train_time_s": 290.0},
+        {"iterations": 2400, "iters_per_epoch": 200, "train_time_s": 310.0},
+    ]  # an older record: no CPU time
+    best = [{"train_time_s": 1800.0, "cpu_train_time_s": 725.0}]  # its wall time inflated by other jobs
+    assert accuracy.cost_time_key(best, base) == "cpu_train_time_s"
+    opts = accuracy.wall_time_opts({"baseline": base, "gid": best}, "gid", ["x=1"])
+    assert opts == ["x=1", "train.epochs=30", "train.max_iters=6000"]  # 2400 * 725 / 290
+    assert accuracy.cost_time_key(best, [base[1]]) == "train_time_s"

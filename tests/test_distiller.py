@@ -171,6 +171,25 @@ def test_dense_logit_kd_is_zero_when_student_equals_teacher():
     assert float(losses["distill/logit_kd/box"].detach()) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_logit_kd_cls_weight_scales_the_cls_term_and_zero_drops_it():
+    def losses_with(**kw):
+        d = make("fcos", "fcos", losses=(), head=(("logit_kd", {"conf_thr": 0.0, **kw}),))
+        d.train()
+        torch.manual_seed(3)
+        return d(*batch())
+
+    base, half, none = losses_with(), losses_with(cls_weight=0.5), losses_with(cls_weight=0.0)
+    cls = float(base["distill/logit_kd/cls"].detach())
+    assert cls > 0
+    assert float(half["distill/logit_kd/cls"].detach()) == pytest.approx(0.5 * cls, rel=1e-5)
+    assert "distill/logit_kd/cls" not in none
+    assert float(none["distill/logit_kd/box"].detach()) == pytest.approx(float(base["distill/logit_kd/box"].detach()))
+    with pytest.raises(ValueError, match="not all 0"):
+        HEAD_LOSSES["logit_kd"](cls_weight=0.0, box_weight=0.0, ctrness_weight=0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        HEAD_LOSSES["logit_kd"](cls_weight=-1.0)
+
+
 def _cfg_dict(**extra) -> dict:
     return {
         "data": {"train": {"ann_file": "x", "img_dir": "y"}, "val": {"ann_file": "x", "img_dir": "y"}},

@@ -230,7 +230,9 @@ class MetricsLogger:
     def log(self, kind: str, step: int, epoch: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"type": kind, "iter": step, "epoch": epoch, "time": round(time.time(), 3), **values}
+        # cpu_time: this process's CPU seconds, a cost measure that other jobs sharing the cores barely change
+        record = {"type": kind, "iter": step, "epoch": epoch, "time": round(time.time(), 3),
+                  "cpu_time": round(time.process_time(), 3), **values}  # fmt: skip
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.writer is not None:

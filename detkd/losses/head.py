@@ -131,7 +131,7 @@ class DenseHeadKD(HeadLoss):
       over positions, optionally weighted by a mask (``fg``: inside GT boxes; ``fg_bg``: the box masks' fg + bg
       weights; ``attention``: the teacher's spatial attention; ``difference``: the teacher-student disagreement
       mask), as in response-based KD for dense detectors (Hinton et al., 2015; e.g. Chen et al., NeurIPS 2017 for
-      the detection adaptation);
+      the detection adaptation), times ``cls_weight`` (0 drops the term, e.g. to measure the box terms alone);
     - box: where the teacher is confident (``max_c sigmoid(t) >= conf_thr``), the student's decoded box regresses to
       the teacher's decoded box with GIoU (default) or L1 (each coordinate divided by the anchor's width/height),
       averaged over those positions, times ``box_weight``;
@@ -153,6 +153,7 @@ class DenseHeadKD(HeadLoss):
         box_weight: float = 1.0,
         conf_thr: float = 0.5,
         ctrness_weight: float = 1.0,
+        cls_weight: float = 1.0,
     ) -> None:
         super().__init__()
         valid_masks = ("none", "fg", "fg_bg", "attention", "difference")
@@ -160,6 +161,11 @@ class DenseHeadKD(HeadLoss):
             raise ValueError(f"logit_kd mask '{mask}' is unknown; valid: {', '.join(valid_masks)}.")
         if box_loss not in ("giou", "l1"):
             raise ValueError(f"logit_kd box_loss '{box_loss}' is unknown; valid: giou, l1.")
+        if min(cls_weight, box_weight, ctrness_weight) < 0 or max(cls_weight, box_weight, ctrness_weight) == 0:
+            raise ValueError(
+                f"logit_kd cls_weight / box_weight / ctrness_weight must be >= 0 and not all 0, got "
+                f"{cls_weight} / {box_weight} / {ctrness_weight}."
+            )
         self.temperature = temperature
         self.mask = mask
         self.mask_temperature = mask_temperature
@@ -167,6 +173,7 @@ class DenseHeadKD(HeadLoss):
         self.box_weight = box_weight
         self.conf_thr = conf_thr
         self.ctrness_weight = ctrness_weight
+        self.cls_weight = cls_weight
 
     def check_pair(self, pair: PairInfo) -> None:
         require_matched_dense_heads(pair, "logit_kd", "distils dense-head logits at matched positions", "pseudo_label")
@@ -178,14 +185,14 @@ class DenseHeadKD(HeadLoss):
             raise RuntimeError(f"logit_kd: student logits {tuple(s_cls.shape)} vs teacher {tuple(t_cls.shape)}")
         n, p, k = s_cls.shape
         weight = _flat_mask(record, self.mask, self.mask_temperature, p // record.head_positions)
-        losses = {
-            "cls": sigmoid_kd_loss(
+        losses = {}
+        if self.cls_weight > 0:
+            losses["cls"] = self.cls_weight * sigmoid_kd_loss(
                 s_cls.reshape(n * p, k),
                 t_cls.reshape(n * p, k),
                 self.temperature,
                 weight=None if weight is None else weight.reshape(-1),
             )
-        }
         confident = t_cls.detach().sigmoid().amax(dim=2) >= self.conf_thr  # (N, P)
         if self.box_weight > 0:
             losses["box"] = self.box_weight * self._box_loss(record, confident)
