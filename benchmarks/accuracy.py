@@ -881,16 +881,21 @@ def to_markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| run | seeds | steps | AP | AP50 | APs | AP - baseline | gap closed | train time / run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Train time: wall clock per run, training steps only (evaluations and resume gaps left out); CPU: the "
+        "process's CPU time, which other jobs sharing the cores barely change (runs from 2026-12-03 on; one thread "
+        "per run, so on an otherwise idle machine the two agree).",
+        "",
+        "| run | seeds | steps | AP | AP50 | APs | AP - baseline | gap closed | train time / run | CPU / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["runs"].items():
         gap = f"{100 * r['gap_closed']:.0f} %" if "gap_closed" in r else "—"
         delta = f"{100 * r['delta_AP']:+.1f}" if "delta_AP" in r else "—"
+        cpu = f"{r['cpu_train_time_s'] / 60:.1f} min" if "cpu_train_time_s" in r else "—"
         lines.append(
             f"| {name} | {len(r['seeds'])} | {r.get('iterations') or 0:,} | {100 * r['AP']:.1f} ± "
             f"{100 * r['AP_std']:.1f} | {100 * r['AP50']:.1f} ± {100 * r['AP50_std']:.1f} | {100 * r['APs']:.1f} ± "
-            f"{100 * r['APs_std']:.1f} | {delta} | {gap} | {r['train_time_s'] / 60:.1f} min |"
+            f"{100 * r['APs_std']:.1f} | {delta} | {gap} | {r['train_time_s'] / 60:.1f} min | {cpu} |"
         )
     lines += issue15_markdown(results)
     if results.get("cost"):

@@ -74,9 +74,10 @@ SPEED_COMMAND = (
     "python benchmarks/speed.py --pairs faster_rcnn --methods roi_kd_all roi_kd_256 roi_kd roi_kd_64 roi_kd_32 "
     "--out benchmarks/results/speed_roi_budget"
 )
-# under benchmarks/results/, written by SPEED_COMMAND (speed.json's roi_kd row alone is no budget comparison, and
-# older ones predate max_rois)
-SPEED_FILES = ("speed_roi_budget.json",)
+# under benchmarks/results/: written by SPEED_COMMAND, or by a full `python benchmarks/speed.py` (which has every
+# budget variant); a file without the roi_kd_all row predates max_rois (its roi_kd row distilled every ROI) and is
+# no budget comparison
+SPEED_FILES = ("speed_roi_budget.json", "speed.json")
 
 
 def record_path(name: str, seed: int) -> Path:
@@ -170,6 +171,8 @@ def speed_rows(results_dir: Optional[Path] = None) -> Optional[dict[str, Any]]:
             continue
         data = json.loads(path.read_text())
         by_method = {r["method"]: r for r in data.get("rows", []) if r.get("pair") == "faster_rcnn"}
+        if "roi_kd_all" not in by_method:
+            continue
         rows = {}
         for run, method in SPEED_METHODS.items():
             if method in by_method:

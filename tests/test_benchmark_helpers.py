@@ -605,3 +605,34 @@ def test_the_wall_time_baseline_gets_the_cpu_time_ratio_when_both_rows_have_it(a
     opts = accuracy.wall_time_opts({"baseline": base, "gid": best}, "gid", ["x=1"])
     assert opts == ["x=1", "train.epochs=30", "train.max_iters=6000"]  # 2400 * 725 / 290
     assert accuracy.cost_time_key(best, [base[1]]) == "train_time_s"
+
+
+def test_the_results_table_shows_cpu_time_where_the_runs_have_it(accuracy):
+    results = json.loads((BENCH / "results" / "accuracy.json").read_text())
+    runs = {"baseline": {**results["runs"]["baseline"], "train_time_s": 600.0, "cpu_train_time_s": 300.0},
+            "mse": {**results["runs"]["mse"], "train_time_s": 720.0}}  # fmt: skip
+    runs["mse"].pop("cpu_train_time_s", None)
+    md = accuracy.to_markdown({**results, "runs": runs})
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert rows["baseline"].endswith("| 10.0 min | 5.0 min |")
+    assert rows["mse"].endswith("| 12.0 min | — |")
+
+
+def test_roi_budget_reads_the_step_cost_only_from_a_speed_file_with_every_budget(tmp_path):
+    budget = _load("roi_kd_budget")
+
+    def row(method, overhead):
+        return {"pair": "faster_rcnn", "method": method, "overhead": overhead, "distill": {"median_s": 1.0}}
+
+    old = {"meta": {}, "rows": [row("roi_kd", 1.72)]}  # before max_rois: its roi_kd distilled every ROI
+    (tmp_path / "speed.json").write_text(json.dumps(old))
+    assert budget.speed_rows(tmp_path) is None
+    new = {"meta": {"reps": 8}, "rows": [row("roi_kd_all", 1.7), row("roi_kd", 1.1), row("roi_kd_32", 1.02)]}
+    (tmp_path / "speed.json").write_text(json.dumps(new))
+    got = budget.speed_rows(tmp_path)
+    assert got["file"] == "speed.json"
+    assert {k: v["overhead"] for k, v in got["rows"].items()} == {
+        "roi_kd_all": 1.7,
+        "roi_kd_128": 1.1,
+        "roi_kd_32": 1.02,
+    }
