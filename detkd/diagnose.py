@@ -12,9 +12,11 @@ summed) it follows the ratio ``r = |loss| / task loss`` over training and report
   the task;
 
 and, across the run, ``weak teacher`` (the teacher's val AP does not exceed the student's best), ``no gain``
-(the student's best val AP is not above the baseline's) and ``peaked attention`` (an FGD-style loss whose teacher
+(the student's best val AP is not above the baseline's), ``peaked attention`` (an FGD-style loss whose teacher
 attention maps were nearly one-hot on the first step, from ``RUN_DIR/attention_check.json``; see
-:mod:`detkd.attention_check`). :func:`plot_ratios` draws the ratios over time.
+:mod:`detkd.attention_check`) and ``pseudo labels add nothing`` (``merge``-mode pseudo labels that added fewer than
+:data:`PSEUDO_ADDED_MIN` boxes per labelled image, the last logged ``pseudo_label/added_per_image``: the targets are
+the ground truth's). :func:`plot_ratios` draws the ratios over time.
 """
 
 from __future__ import annotations
@@ -30,13 +32,24 @@ from typing import Any, Optional, Union
 
 from detkd.errors import DataError
 
-__all__ = ["Finding", "diagnose_run", "format_findings", "loss_ratios", "plot_ratios", "COLLAPSE", "DOMINANCE"]
+__all__ = [
+    "Finding",
+    "diagnose_run",
+    "format_findings",
+    "loss_ratios",
+    "plot_ratios",
+    "COLLAPSE",
+    "DOMINANCE",
+    "PSEUDO_ADDED_MIN",
+]
 
 PathLike = Union[str, os.PathLike]
 COLLAPSE = 0.01
 """A loss below this fraction of the task loss (median over the last quarter) has collapsed."""
 DOMINANCE = 100.0
 """A loss above this multiple of the task loss (median over the first quarter) dominates."""
+PSEUDO_ADDED_MIN = 0.1
+"""Merge-mode pseudo labels adding fewer boxes than this per labelled image leave the targets the ground truth's."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,10 @@ _WEAK_TEACHER = (
     "a teacher no better than the student has little to teach: train it to convergence (its learning curve flat at "
     "the end) or use a larger one"
 )
+_PSEUDO_ADD_NOTHING = (
+    "pseudo labels pay where the ground truth misses objects: add unlabelled images (data.unlabeled), or lower "
+    "score_thr only if the labels are known to be incomplete; with complete labels use a feature loss instead"
+)
 _NO_GAIN = (
     "look at the findings above first; then try cross_kd or a feature loss on the finest levels only, and compare "
     "at equal wall time, not only equal steps"
@@ -147,6 +164,13 @@ def diagnose_run(run_dir: PathLike, baseline_dir: Optional[PathLike] = None) -> 
         if any(is_peaked(e) for e in group):
             message, suggestion = describe(group)
             findings.append(Finding("peaked attention", f"distill/{name}", message, suggestion))
+    added = [r["pseudo_label/added_per_image"] for r in records if "pseudo_label/added_per_image" in r]
+    if added and added[-1] < PSEUDO_ADDED_MIN:
+        message = (
+            f"the merge added {added[-1]:.2g} teacher boxes per labelled image to the ground truth: its confident "
+            f"detections are already labelled, so the student trained on (almost) the GT alone"
+        )
+        findings.append(Finding("pseudo labels add nothing", "distill/pseudo_label", message, _PSEUDO_ADD_NOTHING))
     student_ap = _best_ap(records)
     teacher_file = run / "teacher_val.json"
     if teacher_file.is_file() and student_ap is not None:

@@ -637,6 +637,8 @@ class Distiller(nn.Module):
             for slot in self.slots:
                 detections[slot.name], passes[slot.name] = self._teacher_detections(images, slot)
             targets, separate_targets = self.pseudo_labeler.make_targets(self._fused_detections(detections), targets)
+            if self.pseudo_labeler.added_per_image is not None:
+                self.log_scalars["pseudo_label/added_per_image"] = self.pseudo_labeler.added_per_image
 
         self.recorder.clear()
         task_losses = self.student(images, targets)

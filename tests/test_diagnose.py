@@ -72,3 +72,21 @@ def test_a_healthy_run_has_no_findings_and_the_tool_writes_the_plot(tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = run_tool("diagnose.py", str(tmp_path / "nowhere"))
     assert missing.returncode != 0 and "holds no metrics.jsonl" in missing.stderr
+
+
+def test_pseudo_labels_that_add_nothing_are_a_finding(tmp_path):
+    from detkd.diagnose import PSEUDO_ADDED_MIN
+
+    def run_with(rates, name):
+        folder = write_run(tmp_path / name, {}, [2.0] * len(rates))
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for record, rate in zip(lines, rates):
+            record["pseudo_label/added_per_image"] = rate  # a logged scalar, not a loss term
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+        return {(f.kind, f.subject): f for f in diagnose_run(folder)}
+
+    found = run_with([0.5, 0.1, 0.04], "few")  # the last value (the mean over the run so far) counts
+    finding = found[("pseudo labels add nothing", "distill/pseudo_label")]
+    assert "0.04 teacher boxes per labelled image" in finding.message and "data.unlabeled" in finding.suggestion
+    assert 0.04 < PSEUDO_ADDED_MIN
+    assert run_with([0.01, 0.3], "enough") == {}  # healthy

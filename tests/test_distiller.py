@@ -190,6 +190,15 @@ def test_logit_kd_cls_weight_scales_the_cls_term_and_zero_drops_it():
         HEAD_LOSSES["logit_kd"](cls_weight=-1.0)
 
 
+def test_the_distiller_logs_what_merged_pseudo_labels_add():
+    d = make(losses=(), head=(("pseudo_label", {"score_thr": 0.0}),))
+    d.train()
+    d(*batch())
+    rate = d.log_scalars["pseudo_label/added_per_image"]
+    assert rate == d.pseudo_labeler.added_per_image and rate >= 0
+    assert d.pseudo_labeler.labelled_images == 2
+
+
 def _cfg_dict(**extra) -> dict:
     return {
         "data": {"train": {"ann_file": "x", "img_dir": "y"}, "val": {"ann_file": "x", "img_dir": "y"}},

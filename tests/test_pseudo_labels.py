@@ -188,3 +188,22 @@ def test_degenerate_teacher_boxes_are_never_targets():
     }
     out = filter_detections([det], score_thr=0.5)[0]
     assert out["labels"].tolist() == [3]  # zero-width and 0.5 px-wide boxes dropped
+
+
+def test_the_merge_counts_the_boxes_it_adds_to_labelled_images():
+    from detkd.losses.head import PseudoLabelDistill
+
+    pl = PseudoLabelDistill(mode="merge", score_thr=0.5, nms_iou=0.5)
+    assert pl.added_per_image is None
+    gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}
+    unlabeled = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64), "unlabeled": True}
+    # kept: idx 0, 2, 4, 5; 0 and 2 overlap the GT box (IoU 1 and 0.818 >= 0.5), 4 and 5 are added
+    merged, separate = pl.make_targets([_teacher(), _teacher()], [gt, unlabeled])
+    assert separate is None and merged[0]["boxes"].shape[0] == 3 and merged[1]["boxes"].shape[0] == 4
+    assert pl.added_per_image == pytest.approx(2.0)  # the unlabelled image does not count: its targets are all pseudo
+    covered = {"boxes": torch.tensor(BOXES, dtype=torch.float32), "labels": torch.tensor(LABELS)}
+    pl.make_targets([_teacher()], [covered])  # every teacher box already labelled: nothing added
+    assert pl.added_per_image == pytest.approx(1.0)  # (2 + 0) boxes over 2 labelled images
+    replace = PseudoLabelDistill(mode="replace")
+    replace.make_targets([_teacher()], [gt])
+    assert replace.added_per_image is None  # only the merge adds to a ground truth

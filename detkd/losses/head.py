@@ -35,6 +35,10 @@ class PseudoLabelDistill(HeadLoss):
 
     Images from ``data.unlabeled`` (targets marked ``unlabeled``) always train on the pseudo targets alone.
     Works for every student family, and for any teacher (heterogeneous pairs included).
+
+    In ``merge`` mode it counts the boxes the merge adds to the labelled images (:attr:`added_per_image`, logged as
+    ``pseudo_label/added_per_image``): near 0 means the teacher's confident detections are already in the ground
+    truth, so the targets are the GT's and the loss cannot change anything (``tools/diagnose.py`` says so).
     """
 
     needs = frozenset({"teacher_dets"})
@@ -60,6 +64,13 @@ class PseudoLabelDistill(HeadLoss):
         self.max_dets = max_dets
         self.merge_iou = merge_iou
         self.separate_weight = 1.0
+        self.labelled_images = 0  # merge mode: labelled images seen, and the pseudo boxes the merge added to them
+        self.boxes_added = 0
+
+    @property
+    def added_per_image(self) -> Optional[float]:
+        """Merge mode: the mean number of pseudo boxes added to a labelled image's GT so far (None before any)."""
+        return self.boxes_added / self.labelled_images if self.labelled_images else None
 
     def set_category_map(self, cat_id_to_label: dict[int, int]) -> None:
         """Map the per-class thresholds from category ids (what users know) to detkd's contiguous labels."""
@@ -92,6 +103,9 @@ class PseudoLabelDistill(HeadLoss):
             return pseudo_only, None
         if self.mode == "merge":
             merged = self._pseudo(detections, targets, "merge")
+            labelled = [(m, t) for m, t, u in zip(merged, targets, unlabeled) if not u]
+            self.labelled_images += len(labelled)
+            self.boxes_added += sum(m["boxes"].shape[0] - t["boxes"].reshape(-1, 4).shape[0] for m, t in labelled)
             return [p if u else m for p, m, u in zip(pseudo_only, merged, unlabeled)], None
         # separate: labelled images keep their GT in the task loss; the pseudo targets form a second term
         main = [p if u else t for p, t, u in zip(pseudo_only, targets, unlabeled)]
