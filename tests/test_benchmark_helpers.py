@@ -636,3 +636,20 @@ def test_roi_budget_reads_the_step_cost_only_from_a_speed_file_with_every_budget
         "roi_kd_128": 1.1,
         "roi_kd_32": 1.02,
     }
+
+
+def test_teacher_targets_measures_how_unsure_the_teacher_is():
+    import math
+
+    import torch
+
+    targets = _load("teacher_targets")
+    # three positions of two classes: top probabilities 0.5, sigmoid(10) ~ 1, sigmoid(-10) ~ 0
+    logits = torch.tensor([[[0.0, -30.0], [10.0, -30.0], [-10.0, -30.0]]])
+    s = targets.softness(logits)
+    assert s["positions"] == 3 and s["uncertain"] == 1 and s["confident"] == 2
+    tail = 2 * (11 * math.exp(-10))  # the two sure positions' entropies at |logit| 10: about (|x| + 1) e^-|x|
+    assert s["entropy"] == pytest.approx(math.log(2) + tail, rel=1e-3)
+    summary = targets.summarize([s, targets.softness(logits[:, :1])])
+    assert summary["positions"] == 4 and summary["uncertain"] == pytest.approx(2 / 4)
+    assert summary["confident"] == pytest.approx(3 / 4)
