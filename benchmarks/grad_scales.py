@@ -28,9 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_CFG = REPO / "configs" / "bench"
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_common import batches_of, build_probe, recipe_path, shown  # noqa: E402
 
 
 def term_group(name: str) -> str:
@@ -110,31 +109,18 @@ def measure(
 ) -> dict[str, Any]:
     """Per term group: mean loss and mean student-gradient norm over ``batches`` training batches, the ratio to the
     task's, and the mean clip factor of the whole step."""
-    from detkd.config import load_config
-    from detkd.data.build import build_dataset, ensure_data
-    from detkd.data.coco import collate_detection
-    from detkd.distiller import build_distiller_from_cfg
     from detkd.engine.checkpoint import load_checkpoint
-    from detkd.engine.trainer import make_train_loader, seed_everything
 
-    cfg = load_config(recipe, [f"teacher.checkpoint={teacher_ckpt}", "train.seed=0"])
-    ensure_data(cfg.data, show_progress=False)
-    train_set = build_dataset(cfg.data, "train", seed=0)
-    seed_everything(0)
-    distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
+    cfg, train_set, distiller = build_probe(recipe, teacher_ckpt)
     if ckpt:
         distiller.load_trainable_state_dict(load_checkpoint(ckpt)["model"])
-    loader = make_train_loader(train_set, cfg.data.batch_size, 0, 0, collate_detection)
-    loader.sampler.set_epoch(0)
     distiller.train()
     student_params = [p for p in distiller.student.parameters() if p.requires_grad]
     all_params = [p for p in distiller.parameters() if p.requires_grad]
     sums: dict[str, dict[str, float]] = {}
     clip_factors, total_norms = [], []
     clip = cfg.train.grad_clip
-    for k, (images, targets) in enumerate(loader):
-        if k == batches:
-            break
+    for images, targets in batches_of(train_set, cfg.data.batch_size, batches):
         losses = distiller(images, targets)
         groups: dict[str, Any] = {}
         for name, value in losses.items():
@@ -159,7 +145,7 @@ def measure(
     for entry in sums.values():
         entry["grad_ratio_to_task"] = entry["grad_norm"] / task if task > 0 else float("nan")
     return {
-        "recipe": str(recipe.relative_to(REPO)) if recipe.is_relative_to(REPO) else str(recipe),
+        "recipe": shown(recipe),
         "ckpt": ckpt,
         "batches": batches,
         "grad_clip": clip,
@@ -182,8 +168,7 @@ def main() -> None:
         parser.error("--ckpt goes with exactly one recipe")
     out = []
     for name in args.recipes:
-        recipe = Path(name) if name.endswith(".yaml") else BENCH_CFG / f"{name}.yaml"
-        r = measure(recipe, args.teacher, args.batches, args.ckpt, args.parts)
+        r = measure(recipe_path(name), args.teacher, args.batches, args.ckpt, args.parts)
         out.append(r)
         where = f"trained ({args.ckpt})" if args.ckpt else "fresh student"
         print(f"{r['recipe']}  [{where}, {r['batches']} batches]  total grad norm {r['total_grad_norm']:.3g}, "

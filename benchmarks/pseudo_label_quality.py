@@ -21,15 +21,12 @@ unlabelled object, so every one of them is a false positive the student is train
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_CFG = REPO / "configs" / "bench"
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_common import batches_of, build_probe, probe_main, shown  # noqa: E402
 
 IOU_BINS = ("0", "(0,0.3)", "[0.3,merge)")
 
@@ -98,62 +95,35 @@ def summarize(per_image: list[dict[str, Any]]) -> dict[str, Any]:
 def measure(recipe: Path, teacher_ckpt: str, batches: int) -> dict[str, Any]:
     import torch
 
-    from detkd.config import load_config
-    from detkd.data.build import build_dataset, ensure_data
-    from detkd.data.coco import collate_detection
-    from detkd.distiller import build_distiller_from_cfg
-    from detkd.engine.trainer import make_train_loader, seed_everything
     from detkd.losses.head import PseudoLabelDistill
     from detkd.pseudo_labels import filter_detections
 
-    cfg = load_config(recipe, [f"teacher.checkpoint={teacher_ckpt}", "train.seed=0"])
-    ensure_data(cfg.data, show_progress=False)
-    train_set = build_dataset(cfg.data, "train", seed=0)
-    seed_everything(0)
-    distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
+    cfg, train_set, distiller = build_probe(recipe, teacher_ckpt)
     losses = [m for m in distiller.modules() if isinstance(m, PseudoLabelDistill)]
     if not losses:
         raise SystemExit(f"{recipe}: the recipe has no pseudo_label head loss")
     pl = losses[0]
-    loader = make_train_loader(train_set, cfg.data.batch_size, 0, 0, collate_detection)
-    loader.sampler.set_epoch(0)
     per_image = []
     with torch.no_grad():
-        for k, (images, targets) in enumerate(loader):
-            if k == batches:
-                break
+        for images, targets in batches_of(train_set, cfg.data.batch_size, batches):
             detections, _ = distiller._teacher_detections(images)
             kept = filter_detections(detections, pl.score_thr, pl.class_score_thr, pl.nms_iou, pl.max_dets)
             per_image += [image_stats(t, d, pl.merge_iou) for t, d in zip(targets, kept)]
     params = {"mode": pl.mode, "score_thr": pl.score_thr, "nms_iou": pl.nms_iou, "merge_iou": pl.merge_iou}
-    return {"recipe": str(recipe.relative_to(REPO)) if recipe.is_relative_to(REPO) else str(recipe),
-            "split": "train", "batches": batches, "pseudo_label": params, **summarize(per_image)}  # fmt: skip
+    return {"recipe": shown(recipe), "split": "train", "batches": batches, "pseudo_label": params,
+            **summarize(per_image)}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="+", help="bench recipe names (pseudo_label ...) or recipe paths")
-    parser.add_argument("--teacher", required=True, help="the teacher checkpoint")
-    parser.add_argument("--batches", type=int, default=25)
-    parser.add_argument("--json", type=Path, help="also write the numbers here")
-    args = parser.parse_args()
-    out = []
-    for name in args.recipes:
-        recipe = Path(name) if name.endswith(".yaml") else BENCH_CFG / f"{name}.yaml"
-        r = measure(recipe, args.teacher, args.batches)
-        out.append(r)
-        bins = ", ".join(f"IoU {b}: {v:.0%}" for b, v in r["added_share_by_best_iou"].items())
-        teacher = f"recall {r['teacher_recall']:.1%}, precision {r['teacher_precision']:.1%}"
-        print(
-            f"{r['recipe']}  [{r['images']} train images]  GT {r['gt_per_image']:.2f}/image, teacher keeps "
-            f"{r['kept_per_image']:.2f} ({teacher}), merge adds {r['added_per_image']:.2f}/image on "
-            f"{r['images_with_added']:.0%} of the images; added boxes by best IoU with a GT box: {bins}; "
-            f"same class as that box: {r['added_same_class_share']:.0%}"
-        )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+def report(r: dict[str, Any]) -> None:
+    bins = ", ".join(f"IoU {b}: {v:.0%}" for b, v in r["added_share_by_best_iou"].items())
+    teacher = f"recall {r['teacher_recall']:.1%}, precision {r['teacher_precision']:.1%}"
+    print(
+        f"{r['recipe']}  [{r['images']} train images]  GT {r['gt_per_image']:.2f}/image, teacher keeps "
+        f"{r['kept_per_image']:.2f} ({teacher}), merge adds {r['added_per_image']:.2f}/image on "
+        f"{r['images_with_added']:.0%} of the images; added boxes by best IoU with a GT box: {bins}; "
+        f"same class as that box: {r['added_same_class_share']:.0%}"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(__doc__, measure, report, default_batches=25, what="pseudo_label")

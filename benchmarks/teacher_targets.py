@@ -17,15 +17,12 @@ batch), and reports per split, over every head position:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_CFG = REPO / "configs" / "bench"
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_common import batches_of, build_probe, probe_main, shown  # noqa: E402
 
 UNSURE = (0.1, 0.9)
 
@@ -59,29 +56,15 @@ def summarize(parts: list[dict[str, float]]) -> dict[str, float]:
 def measure(recipe: Path, teacher_ckpt: str, batches: int) -> dict[str, Any]:
     import torch
 
-    from detkd.config import load_config
-    from detkd.data.build import build_dataset, ensure_data
-    from detkd.data.coco import collate_detection
-    from detkd.distiller import build_distiller_from_cfg
-    from detkd.engine.trainer import make_train_loader, seed_everything
+    from detkd.data.build import build_dataset
 
-    cfg = load_config(recipe, [f"teacher.checkpoint={teacher_ckpt}", "train.seed=0"])
-    ensure_data(cfg.data, show_progress=False)
-    train_set = build_dataset(cfg.data, "train", seed=0)
-    val_set = build_dataset(cfg.data, "val", seed=0)
-    seed_everything(0)
-    distiller = build_distiller_from_cfg(cfg, train_set.num_classes, train_set.cat_id_to_label)
+    cfg, train_set, distiller = build_probe(recipe, teacher_ckpt)
     distiller.train()
-    out: dict[str, Any] = {"recipe": str(recipe.relative_to(REPO)) if recipe.is_relative_to(REPO) else str(recipe),
-                           "batches": batches, "unsure_range": list(UNSURE)}  # fmt: skip
-    for split, dataset in (("train", train_set), ("val", val_set)):
-        loader = make_train_loader(dataset, cfg.data.batch_size, 0, 0, collate_detection)
-        loader.sampler.set_epoch(0)
+    out: dict[str, Any] = {"recipe": shown(recipe), "batches": batches, "unsure_range": list(UNSURE)}
+    for split, dataset in (("train", train_set), ("val", build_dataset(cfg.data, "val", seed=0))):
         parts = []
         with torch.no_grad():
-            for k, (images, targets) in enumerate(loader):
-                if k == batches:
-                    break
+            for images, targets in batches_of(dataset, cfg.data.batch_size, batches):
                 records, _ = distiller.record_teachers(images, targets, extra_needs=frozenset({"teacher_head"}))
                 head = next(iter(records.values())).teacher.head
                 if "cls_logits" not in head:
@@ -91,29 +74,15 @@ def measure(recipe: Path, teacher_ckpt: str, batches: int) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="+", help="bench recipe names (logit_kd ...) or recipe paths")
-    parser.add_argument("--teacher", required=True, help="the teacher checkpoint")
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--json", type=Path, help="also write the numbers here")
-    args = parser.parse_args()
-    out = []
-    for name in args.recipes:
-        recipe = Path(name) if name.endswith(".yaml") else BENCH_CFG / f"{name}.yaml"
-        r = measure(recipe, args.teacher, args.batches)
-        out.append(r)
-        for split in ("train", "val"):
-            s = r[split]
-            print(
-                f"{r['recipe']}  {split:5s} [{s['positions']} positions]  top class prob in {UNSURE}: "
-                f"{s['uncertain']:.2%}; mean entropy {s['entropy']:.4f} nats/position; confident (>= 0.5): "
-                f"{s['confident']:.2%}"
-            )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+def report(r: dict[str, Any]) -> None:
+    for split in ("train", "val"):
+        s = r[split]
+        print(
+            f"{r['recipe']}  {split:5s} [{s['positions']} positions]  top class prob in {UNSURE}: "
+            f"{s['uncertain']:.2%}; mean entropy {s['entropy']:.4f} nats/position; confident (>= 0.5): "
+            f"{s['confident']:.2%}"
+        )
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(__doc__, measure, report, default_batches=10, what="logit_kd")
