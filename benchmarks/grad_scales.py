@@ -18,6 +18,7 @@ The student is the fresh one of the recipe (seed 0) or, with ``--ckpt``, a train
     python benchmarks/grad_scales.py --teacher checkpoints/bench/v2_teacher/last_weights.pth fgd attention gid
     python benchmarks/grad_scales.py --teacher T fgd --ckpt checkpoints/bench_runs/v2_fgd_s0/last.pth
     python benchmarks/grad_scales.py --teacher T fgd --parts          # FGD's focal fg/bg, attention, global terms
+    python benchmarks/grad_scales.py --teacher T fgd --opts distill.features.0.temperature=50   # a variant
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_common import batches_of, build_probe, recipe_path, shown  # noqa: E402
@@ -100,18 +101,23 @@ def part_terms(distiller, images, targets) -> dict[str, Any]:
                 ctx = records[slot.name].level_context(lvl, slot.adapter(lvl))
                 for part, value in PARTS[spec.name](spec.module, ctx.s_feat, ctx.t_feat, ctx).items():
                     key = f"{spec.name}/{part}"
-                    out[key] = out.get(key, 0.0) + spec.weight * value
+                    out[key] = out.get(key, 0.0) + distiller._weight(spec) * value  # a number, or the auto weight
     return out
 
 
 def measure(
-    recipe: Path, teacher_ckpt: str, batches: int, ckpt: Optional[str] = None, parts: bool = False
+    recipe: Path,
+    teacher_ckpt: str,
+    batches: int,
+    ckpt: Optional[str] = None,
+    parts: bool = False,
+    opts: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Per term group: mean loss and mean student-gradient norm over ``batches`` training batches, the ratio to the
     task's, and the mean clip factor of the whole step."""
     from detkd.engine.checkpoint import load_checkpoint
 
-    cfg, train_set, distiller = build_probe(recipe, teacher_ckpt)
+    cfg, train_set, distiller = build_probe(recipe, teacher_ckpt, opts)
     if ckpt:
         distiller.load_trainable_state_dict(load_checkpoint(ckpt)["model"])
     distiller.train()
@@ -147,6 +153,7 @@ def measure(
     return {
         "recipe": shown(recipe),
         "ckpt": ckpt,
+        "opts": list(opts),
         "batches": batches,
         "grad_clip": clip,
         "total_grad_norm": sum(total_norms) / len(total_norms),
@@ -163,12 +170,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--parts", action="store_true", help=f"also each term of {', '.join(PARTS)}")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--opts", nargs="*", default=[], help="recipe overrides, as train_distill.py's --opts")
     args = parser.parse_args()
     if args.ckpt and len(args.recipes) != 1:
         parser.error("--ckpt goes with exactly one recipe")
     out = []
     for name in args.recipes:
-        r = measure(recipe_path(name), args.teacher, args.batches, args.ckpt, args.parts)
+        r = measure(recipe_path(name), args.teacher, args.batches, args.ckpt, args.parts, args.opts)
         out.append(r)
         where = f"trained ({args.ckpt})" if args.ckpt else "fresh student"
         print(f"{r['recipe']}  [{where}, {r['batches']} batches]  total grad norm {r['total_grad_norm']:.3g}, "

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_CFG = REPO / "configs" / "bench"
@@ -25,15 +25,16 @@ def shown(recipe: Path) -> str:
     return str(recipe.relative_to(REPO)) if recipe.is_relative_to(REPO) else str(recipe)
 
 
-def build_probe(recipe: Path, teacher_ckpt: str) -> tuple[Any, Any, Any]:
-    """``(cfg, train dataset, distiller)`` of a recipe against the teacher checkpoint, with seed 0 (the data made on
-    first use), as a training run of that seed starts."""
+def build_probe(recipe: Path, teacher_ckpt: str, opts: Sequence[str] = ()) -> tuple[Any, Any, Any]:
+    """``(cfg, train dataset, distiller)`` of a recipe (with the ``--opts``-style overrides ``opts``, e.g. a probe's
+    ``distill.features.0.temperature=50``) against the teacher checkpoint, with seed 0 (the data made on first use),
+    as a training run of that seed starts."""
     from detkd.config import load_config
     from detkd.data.build import build_dataset, ensure_data
     from detkd.distiller import build_distiller_from_cfg
     from detkd.engine.trainer import seed_everything
 
-    cfg = load_config(recipe, [f"teacher.checkpoint={teacher_ckpt}", "train.seed=0"])
+    cfg = load_config(recipe, [*opts, f"teacher.checkpoint={teacher_ckpt}", "train.seed=0"])
     ensure_data(cfg.data, show_progress=False)
     train_set = build_dataset(cfg.data, "train", seed=0)
     seed_everything(0)
