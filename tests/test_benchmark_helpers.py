@@ -605,6 +605,10 @@ def test_the_wall_time_baseline_gets_the_cpu_time_ratio_when_both_rows_have_it(a
     opts = accuracy.wall_time_opts({"baseline": base, "gid": best}, "gid", ["x=1"])
     assert opts == ["x=1", "train.epochs=30", "train.max_iters=6000"]  # 2400 * 725 / 290
     assert accuracy.cost_time_key(best, [base[1]]) == "train_time_s"
+    # in wall time the least disturbed run counts: the baseline's 300 s, not the mean with a run timed under load
+    baselines = [base[1], {**base[1], "train_time_s": 300.0}]
+    wall = accuracy.wall_time_opts({"baseline": baselines, "gid": [{"train_time_s": 750.0}]}, "gid", [])
+    assert wall == ["train.epochs=30", "train.max_iters=6000"]
 
 
 def test_the_results_table_shows_cpu_time_where_the_runs_have_it(accuracy):
