@@ -69,7 +69,8 @@ class PseudoLabelDistill(HeadLoss):
 
     @property
     def added_per_image(self) -> Optional[float]:
-        """Merge mode: the mean number of pseudo boxes added to a labelled image's GT so far (None before any)."""
+        """Merge mode: the mean number of pseudo boxes added to a labelled image's GT since this process started
+        (None before any)."""
         return self.boxes_added / self.labelled_images if self.labelled_images else None
 
     def set_category_map(self, cat_id_to_label: dict[int, int]) -> None:
@@ -198,9 +199,9 @@ class DenseHeadKD(HeadLoss):
         if s_cls.shape != t_cls.shape:
             raise RuntimeError(f"logit_kd: student logits {tuple(s_cls.shape)} vs teacher {tuple(t_cls.shape)}")
         n, p, k = s_cls.shape
-        weight = _flat_mask(record, self.mask, self.mask_temperature, p // record.head_positions)
         losses = {}
-        if self.cls_weight > 0:
+        if self.cls_weight > 0:  # the mask only weights this term: not built when it is dropped
+            weight = _flat_mask(record, self.mask, self.mask_temperature, p // record.head_positions)
             losses["cls"] = self.cls_weight * sigmoid_kd_loss(
                 s_cls.reshape(n * p, k),
                 t_cls.reshape(n * p, k),
