@@ -70,7 +70,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -272,6 +271,8 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         ckpt = REPO / record["checkpoint"]
+        if not ckpt.is_file() and record.get("sha256"):  # e.g. a new machine: the record says what to rebuild
+            rebuild_teacher(record, recipe, opts)
         problem = ("is missing" if not ckpt.is_file() else
                    "is not the one this record measured (sha256 differs)"
                    if record.get("sha256") and _sha256(ckpt) != record["sha256"] else None)  # fmt: skip
@@ -289,11 +290,40 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
     metrics = final_metrics(work)
     record = {"run": tag, "recipe": recipe, "wall_s": wall, "checkpoint": _repo_relative(work / "last_weights.pth"),
               **metrics,
-              "threads": THREADS["per_run"] or os.cpu_count(), "resumed": resume}  # fmt: skip
+              "threads": THREADS["per_run"] or os.cpu_count(), "resumed": resume,
+              "machine": _machine()}  # fmt: skip
     _export_last_weights(work)
     record["sha256"] = _sha256(work / "last_weights.pth")
     _write_json(record_path, record)
     return record
+
+
+def rebuild_teacher(record: dict[str, Any], recipe: str, opts: list[str]) -> None:
+    """Train a cached teacher whose checkpoint is gone again, with its record's recipe and thread count, into the
+    record's checkpoint path, and keep it only if it is bit-identical to the one the record measured (its sha256).
+
+    Training from scratch on the CPU is deterministic for a fixed thread count, so the students' rows stay valid.
+    A rebuild that differs is kept beside the path (``last_weights.rebuilt.pth``) and stops the protocol: its
+    students would have learnt from another teacher."""
+    ckpt = REPO / record["checkpoint"]
+    work = ckpt.parent
+    print(f"[bench] {record['run']}: the cached checkpoint {record['checkpoint']} is missing; training it again "
+          f"({recipe}, {record.get('threads')} threads) and checking its sha256", flush=True)  # fmt: skip
+    per_run, THREADS["per_run"] = THREADS["per_run"], record.get("threads") or None
+    try:
+        run_tool("train.py", BENCH_CFG / recipe, work, opts, work / "stdout.log")
+    finally:
+        THREADS["per_run"] = per_run
+    _export_last_weights(work)
+    digest = _sha256(ckpt)
+    if digest != record["sha256"]:
+        ckpt.replace(rebuilt := ckpt.with_name("last_weights.rebuilt.pth"))
+        raise RuntimeError(
+            f"{record['run']}: the retrained teacher {_repo_relative(rebuilt)} has sha256 {digest[:16]}, not the "
+            f"record's {record['sha256'][:16]}: training did not reproduce it here (another thread count, torch "
+            f"version or machine). Restore the original checkpoint, or set the record and its students aside."
+        )
+    print(f"[bench] {record['run']}: rebuilt bit-identically (sha256 {digest[:16]})", flush=True)
 
 
 def _sha256(path: Path) -> str:
@@ -303,6 +333,23 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _machine() -> str:
+    """This machine, as records name it (:func:`detkd.cost.machine_description`)."""
+    from detkd.cost import machine_description
+
+    return machine_description()
+
+
+def machines_of(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of ``records`` were trained on each machine (older records, which did not say: "not recorded").
+    Times are comparable only within one machine: a float32 step took 2.5 x as long on an AVX2-only CPU."""
+    counts: dict[str, int] = {}
+    for record in records:
+        key = record.get("machine", "not recorded")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _repo_relative(path: Path) -> str:
@@ -475,8 +522,8 @@ def run_student(
     print(f"[bench] {name} seed {seed}", flush=True)
     wall = run_tool(script, recipe_path(recipe), work, run_opts, work / "stdout.log")
     record = {"run": name, "seed": seed, "recipe": recipe, "recipe_digest": recipe_digest(recipe, tuple(opts)),
-              "wall_s": wall, "threads": THREADS["per_run"], "opts": opts, "work_dir": _repo_relative(work),
-              **final_metrics(work)}  # fmt: skip
+              "wall_s": wall, "threads": THREADS["per_run"], "machine": _machine(), "opts": opts,
+              "work_dir": _repo_relative(work), **final_metrics(work)}  # fmt: skip
     _write_json(path_out, record)
     return record
 
@@ -1164,7 +1211,8 @@ def main() -> None:
     results = {
         "meta": {
             "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + f" --jobs {jobs}",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+            "machine": _machine() + ", no GPU (this report)",
+            "run_machines": machines_of([r for rs in records.values() for r in rs] + [teacher]),
             "student_init": "scratch (same seed -> same initial weights for every method)",
             "total_wall_h": (student_s + teacher["wall_s"]) / 3600,
             # the teacher trains alone, the students ``jobs`` at a time: the elapsed time of one uninterrupted run

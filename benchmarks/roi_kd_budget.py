@@ -37,7 +37,6 @@ import concurrent.futures
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -112,7 +111,8 @@ def run_student(name: str, recipe: str, seed: int, teacher_ckpt: str) -> dict[st
     print(f"[roi_budget] {name} seed {seed}", flush=True)
     wall = protocol.run_tool(script, protocol.recipe_path(recipe), work, opts, work / "stdout.log")
     record = {"run": name, "seed": seed, "recipe": recipe, "wall_s": wall, "threads": protocol.THREADS["per_run"],
-              "work_dir": protocol._repo_relative(work), **protocol.final_metrics(work)}  # fmt: skip
+              "machine": protocol._machine(), "work_dir": protocol._repo_relative(work),
+              **protocol.final_metrics(work)}  # fmt: skip
     protocol._write_json(out, record)
     # scored at once, so a session cut off before the end of the study keeps what the choice needs
     distilled = protocol.is_distill_recipe(protocol.recipe_path(recipe))
@@ -352,7 +352,8 @@ def main() -> None:
     results = {
         "meta": {
             "command": f"python benchmarks/roi_kd_budget.py --jobs {jobs}",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+            "machine": protocol._machine() + ", no GPU (this report)",
+            "run_machines": protocol.machines_of([r for rs in records.values() for r in rs] + [teacher]),
             "total_wall_h": (sum(r["wall_s"] for rs in records.values() for r in rs) + teacher["wall_s"]) / 3600,
             "jobs": jobs,
             "this_invocation_s": time.time() - start,

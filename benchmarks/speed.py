@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -284,7 +283,9 @@ def main() -> None:
                   f"mem={m['distill']['peak_mb']:.0f}/{m['student']['peak_mb']:.0f} MB", flush=True)  # fmt: skip
     import torch
 
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": args.threads,
+    from detkd.cost import machine_description
+
+    meta = {"machine": machine_description(), "threads": args.threads,
             "device": args.device, "batch": args.batch, "size": args.size, "reps": args.reps,
             "warmup": args.warmup, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "teachers": args.teachers}  # fmt: skip

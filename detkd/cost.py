@@ -19,6 +19,8 @@ ratios users distil for: "the student keeps X % of the teacher's AP at Y x lower
 from __future__ import annotations
 
 import math
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -31,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "MIN_TIMED_RUNS",
+    "machine_description",
     "ModelCost",
     "count_params",
     "count_flops",
@@ -87,6 +90,26 @@ class ModelCost:
             "latency_runs": self.latency_runs,
             "metrics": dict(self.metrics),
         }
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s ``model name`` on Linux, else :func:`platform.processor`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_description() -> str:
+    """What a time was measured on, for benchmark records: architecture, CPU model, core count and the vector
+    instruction set torch dispatches to (e.g. ``x86_64, AMD EPYC, 2 CPU cores, AVX2``). Times move with it: a float32
+    step on an AVX2-only EPYC took 2.5 x as long as on the AVX-512 machine of earlier records, and bfloat16 was
+    emulated there (see :func:`detkd.engine.trainer.cpu_has_native_bfloat16`)."""
+    return (f"{platform.machine()}, {cpu_model_name()}, {os.cpu_count()} CPU cores, "
+            f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
 
 
 def count_params(model: nn.Module) -> int:

@@ -444,6 +444,42 @@ def test_a_cached_teacher_whose_checkpoint_is_gone_stops_with_a_clear_message(ac
         accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])
 
 
+def test_a_lost_teacher_with_a_hash_is_rebuilt_and_kept_only_if_bit_identical(accuracy, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    (tmp_path / "runs").mkdir()
+    ckpt = tmp_path / "bench" / "v2_teacher" / "last_weights.pth"
+    record = {"run": "v2_teacher", "checkpoint": str(ckpt), "AP": 0.6, "threads": 2,
+              "sha256": hashlib.sha256(b"weights").hexdigest()}  # fmt: skip
+    (tmp_path / "runs" / "v2_teacher.json").write_text(json.dumps(record))
+    trained = {}
+
+    def fake_run_tool(script, recipe, work_dir, opts, log, extra=None):
+        trained.update(script=script, recipe=recipe.name, work_dir=work_dir, threads=accuracy.THREADS["per_run"])
+        return 1.0
+
+    weights = {"bytes": b"weights"}
+
+    def fake_export(work):
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "last_weights.pth").write_bytes(weights["bytes"])
+
+    monkeypatch.setattr(accuracy, "run_tool", fake_run_tool)
+    monkeypatch.setattr(accuracy, "_export_last_weights", fake_export)
+    monkeypatch.setitem(accuracy.THREADS, "per_run", 1)
+    assert accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])["AP"] == 0.6
+    # trained with the record's recipe and thread count, into the record's checkpoint dir; --jobs' threads restored
+    assert trained == {"script": "train.py", "recipe": accuracy.TEACHER_RECIPE, "work_dir": ckpt.parent, "threads": 2}
+    assert accuracy.THREADS["per_run"] == 1 and ckpt.read_bytes() == b"weights"
+    # a rebuild that is not bit-identical is kept aside, never used
+    ckpt.unlink()
+    weights["bytes"] = b"other weights"
+    with pytest.raises(
+        RuntimeError, match=r"v2_teacher: the retrained teacher .*last_weights\.rebuilt\.pth has sha256"
+    ):
+        accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])
+    assert not ckpt.exists() and (ckpt.parent / "last_weights.rebuilt.pth").read_bytes() == b"other weights"
+
+
 def test_a_new_teacher_trains_in_the_teacher_dir_and_its_record_names_a_repo_relative_checkpoint(
     accuracy, tmp_path, monkeypatch
 ):

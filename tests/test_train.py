@@ -75,7 +75,10 @@ def test_fusing_needs_one_cpu_or_cuda_device_and_float_parameters():
     assert not can_fuse([torch.zeros(2, dtype=torch.int64)])
 
 
-def test_amp_on_the_cpu_is_bfloat16_autocast_without_a_scaler():
+def test_amp_on_the_cpu_is_bfloat16_autocast_without_a_scaler(monkeypatch):
+    import detkd.engine.trainer as trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_native_bfloat16", lambda: True)
     assert autocast_dtype_for(False, torch.device("cpu")) is None
     assert autocast_dtype_for(True, torch.device("cpu")) == torch.bfloat16
     assert autocast_dtype_for(True, torch.device("cuda")) == torch.float16
@@ -105,6 +108,32 @@ def test_amp_on_the_cpu_is_bfloat16_autocast_without_a_scaler():
     assert model.linear.weight.dtype == torch.float32  # the weights (and the optimizer's update) stay float32
     assert math.isfinite(means["loss"])
     assert one_epoch(None)[0].dtypes == [torch.float32, torch.float32]
+
+
+def test_amp_on_a_cpu_without_native_bfloat16_trains_in_float32_and_says_why(monkeypatch, caplog):
+    import detkd.engine.trainer as trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_native_bfloat16", lambda: False)
+    with caplog.at_level("WARNING", logger="detkd"):
+        assert autocast_dtype_for(True, torch.device("cpu")) is None
+    assert "no native bfloat16" in caplog.text and "training in float32" in caplog.text
+    assert autocast_dtype_for(True, torch.device("cuda")) == torch.float16  # CUDA is not affected
+
+
+def test_the_bfloat16_probe_reads_the_cpu_flags_on_x86_only(monkeypatch):
+    import platform
+
+    import detkd.engine.trainer as trainer
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert trainer.cpu_has_native_bfloat16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert trainer.cpu_has_native_bfloat16() is True
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # not probed: the config decides
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert trainer.cpu_has_native_bfloat16() is True
 
 
 def test_non_finite_loss_names_every_term():
