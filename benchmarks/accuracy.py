@@ -305,8 +305,18 @@ def rebuild_teacher(record: dict[str, Any], recipe: str, opts: list[str]) -> Non
     Training from scratch on the CPU is deterministic for a fixed thread count, so the students' rows stay valid.
     A rebuild that differs is kept beside the path (``last_weights.rebuilt.pth``) and stops the protocol: its
     students would have learnt from another teacher."""
+    from detkd.config import load_config
+    from detkd.engine.trainer import cpu_has_native_bfloat16
+
     ckpt = REPO / record["checkpoint"]
     work = ckpt.parent
+    if load_config(BENCH_CFG / recipe, opts).train.amp and not cpu_has_native_bfloat16():
+        raise RuntimeError(  # the rebuild would train in float32 (hours) and could only come out different
+            f"{record['run']}: the cached checkpoint {record['checkpoint']} is missing, and it cannot be rebuilt "
+            f"bit-identically here: {recipe} trains in bfloat16 autocast, which this CPU "
+            f"({_machine()}) lacks (train.amp falls back to float32). Restore the checkpoint, run on a CPU with "
+            f"AVX-512 BF16 or AMX, or set the record and its students aside to train another teacher."
+        )
     print(f"[bench] {record['run']}: the cached checkpoint {record['checkpoint']} is missing; training it again "
           f"({recipe}, {record.get('threads')} threads) and checking its sha256", flush=True)  # fmt: skip
     per_run, THREADS["per_run"] = THREADS["per_run"], record.get("threads") or None

@@ -463,9 +463,17 @@ def test_a_lost_teacher_with_a_hash_is_rebuilt_and_kept_only_if_bit_identical(ac
         work.mkdir(parents=True, exist_ok=True)
         (work / "last_weights.pth").write_bytes(weights["bytes"])
 
+    import detkd.engine.trainer as trainer
+
     monkeypatch.setattr(accuracy, "run_tool", fake_run_tool)
     monkeypatch.setattr(accuracy, "_export_last_weights", fake_export)
     monkeypatch.setitem(accuracy.THREADS, "per_run", 1)
+    # the benchmark teacher trains in bfloat16: a CPU without it cannot reproduce it, and says so before training
+    monkeypatch.setattr(trainer, "cpu_has_native_bfloat16", lambda: False)
+    with pytest.raises(RuntimeError, match=r"cannot be rebuilt bit-identically here: .* bfloat16 autocast"):
+        accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])
+    assert not trained
+    monkeypatch.setattr(trainer, "cpu_has_native_bfloat16", lambda: True)
     assert accuracy.ensure_teacher(accuracy.TEACHER_RECIPE, "v2_teacher", [])["AP"] == 0.6
     # trained with the record's recipe and thread count, into the record's checkpoint dir; --jobs' threads restored
     assert trained == {"script": "train.py", "recipe": accuracy.TEACHER_RECIPE, "work_dir": ckpt.parent, "threads": 2}
