@@ -242,6 +242,15 @@ def final_metrics(work_dir: Path) -> dict[str, Any]:
     return out
 
 
+def record_step_s(record: dict[str, Any]) -> Optional[float]:
+    """A stored run's seconds per step for the time estimate: its CPU seconds per step over its threads where the
+    trainer logged CPU time (what the step costs with its cores to itself: other jobs sharing the cores barely
+    change CPU time, while they stretch the wall clock), else its wall-clock ``step_s``; None if it has neither."""
+    if record.get("cpu_step_s"):
+        return record["cpu_step_s"] / (record.get("threads") or os.cpu_count() or 1)
+    return record.get("step_s")
+
+
 def refresh_timing(record: dict[str, Any]) -> bool:
     """Re-derive a stored record's times from its work dir's metrics.jsonl when that is still there (records
     written before :func:`interval_step_time` counted evaluations and resume gaps). True if anything changed."""
@@ -1059,7 +1068,7 @@ def main() -> None:
         measured: dict[str, list[float]] = {}
         for n, rs in records.items():
             if n.startswith("baseline") or _is_method(n):
-                measured.setdefault(run_kind(n), []).extend(r["step_s"] for r in rs if "step_s" in r)
+                measured.setdefault(run_kind(n), []).extend(s for r in rs if (s := record_step_s(r)) is not None)
         out = {**DEFAULT_STEP_S, **{kind: statistics.median(v) for kind, v in measured.items() if v}}
         if teacher and teacher.get("step_s"):  # a benchmark teacher training alone
             out["teacher"] = teacher["step_s"]

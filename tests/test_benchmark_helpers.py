@@ -701,3 +701,12 @@ def test_teacher_targets_measures_how_unsure_the_teacher_is():
     summary = targets.summarize([s, targets.softness(logits[:, :1])])
     assert summary["positions"] == 4 and summary["uncertain"] == pytest.approx(2 / 4)
     assert summary["confident"] == pytest.approx(3 / 4)
+
+
+def test_the_time_estimate_prefers_cpu_seconds_per_thread_to_the_wall_clock(accuracy):
+    # a 1-thread run slowed by a neighbour: 0.9 s wall per step, 0.5 CPU s per step -> 0.5
+    assert accuracy.record_step_s({"step_s": 0.9, "cpu_step_s": 0.5, "threads": 1}) == 0.5
+    # a 2-thread run: its CPU seconds are spread over two cores
+    assert accuracy.record_step_s({"step_s": 0.6, "cpu_step_s": 1.0, "threads": 2}) == 0.5
+    assert accuracy.record_step_s({"step_s": 0.7}) == 0.7  # older records: the wall clock
+    assert accuracy.record_step_s({}) is None
