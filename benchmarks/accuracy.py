@@ -63,6 +63,7 @@ own short teacher and a few students on a short schedule. ``--jobs N`` runs N tr
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -364,11 +365,7 @@ def _machine() -> str:
 def machines_of(records: list[dict[str, Any]]) -> dict[str, int]:
     """How many of ``records`` were trained on each machine (older records, which did not say: "not recorded").
     Times are comparable only within one machine: a float32 step took 2.5 x as long on an AVX2-only CPU."""
-    counts: dict[str, int] = {}
-    for record in records:
-        key = record.get("machine", "not recorded")
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    return dict(collections.Counter(record.get("machine", "not recorded") for record in records))
 
 
 def _repo_relative(path: Path) -> str:

@@ -710,3 +710,17 @@ def test_the_time_estimate_prefers_cpu_seconds_per_thread_to_the_wall_clock(accu
     assert accuracy.record_step_s({"step_s": 0.6, "cpu_step_s": 1.0, "threads": 2}) == 0.5
     assert accuracy.record_step_s({"step_s": 0.7}) == 0.7  # older records: the wall clock
     assert accuracy.record_step_s({}) is None
+
+
+def test_records_name_the_machine_and_reports_count_them(accuracy):
+    import platform
+
+    import torch
+
+    from detkd.cost import machine_description
+
+    described = machine_description()
+    assert described.startswith(platform.machine() + ", ")
+    assert described.endswith(f"CPU cores, {torch.backends.cpu.get_cpu_capability()}")
+    rows = [{"machine": "A"}, {"machine": "A"}, {"machine": "B"}, {}]
+    assert accuracy.machines_of(rows) == {"A": 2, "B": 1, "not recorded": 1}
