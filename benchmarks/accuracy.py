@@ -142,7 +142,7 @@ DERIVED: list[tuple[str, str, int]] = [
 ]
 KD_SCHEDULE = {"warmup_iters": 50, "decay": "cosine", "final_ratio": 0.1}  # fixed before any run (RTMDet/YOLOv6 style)
 DERIVED_DIR = BENCH_CFG / "derived"
-TAG = {"full": "v2", "quick": "v2quick"}  # run records of the first regime (RetinaNet R50 -> R18) are full_*/quick_*
+TAG = {"full": "v3", "quick": "v3quick"}  # earlier regimes' records: v2_* (FCOS R34 bf16 teacher), full_*/quick_* (v1)
 TEACHER_RECIPE = "teacher.yaml"
 # The cached benchmark teachers: id -> recipe. Each is trained once into <--teacher-dir>/<tag>_<id>/ (record
 # results/runs/<tag>_<id>.json; an id must not contain "_s", or the glob of the run records would match it); a
