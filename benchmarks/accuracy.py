@@ -1,11 +1,14 @@
 """Accuracy benchmark: how much of the teacher-student gap does each detkd method close, on data anyone can make?
 
-Protocol (regime v2; see the README's "Results" section and DESIGN.md "Benchmark protocol"):
+Protocol (regime v3; see the README's "Results" section and DESIGN.md "Benchmark protocol"):
 
 - data: the synthetic set of ``configs/bench/_base_/data.yaml`` (preset ``bench``: objects from 16 px, clutter 0.5;
   generated on first use, deterministic);
-- teacher: ``configs/bench/teacher.yaml`` (FCOS R34-FPN128 from scratch, 8,000 steps, a learning curve every
-  400 steps), trained once and cached in ``--teacher-dir`` (default ``work_dirs/bench``); then the weights of the
+- teacher: ``configs/bench/teacher.yaml`` (FCOS R18-FPN128 from scratch in float32, 5,600 steps, a learning curve
+  every 400 steps), trained once in ``--teacher-dir`` (default ``work_dirs/bench``) and kept in the repository as
+  float16 weights (``benchmarks/teachers/v3_teacher.pth``, scored again on val and on the tuning split): every
+  later session, on any machine, teaches with the same weights, since nothing outside git outlives a session and
+  training reproduces bit for bit only on the same CPU kind; then the weights of the
   magnitude-dependent losses are measured for it (``benchmarks/loss_scales.py --write``, a rule on a training
   batch, never on val);
 - **the regime check first**: the baseline student trained for the teacher's whole schedule must stay
@@ -25,8 +28,8 @@ Protocol (regime v2; see the README's "Results" section and DESIGN.md "Benchmark
 Issue 15's rows (several teachers, teachers that learn):
 
 - a **second benchmark teacher** of another family, ``configs/bench/teacher_retinanet.yaml`` (RetinaNet
-  R34-FPN128, the same data and schedule as the FCOS teacher), trained once and cached like it
-  (``<--teacher-dir>/v2_teacher_retina``) and evaluated on val and on the tuning split; it is trained after the
+  R18-FPN128, the same data and schedule as the FCOS teacher), trained once and kept like it
+  (``benchmarks/teachers/v3_teacher_retina.pth``) and evaluated on val and on the tuning split; it is trained after the
   regime check and after every row that does not need it, right before the rows that do;
 - **two teachers** (``two_teachers_{fixed,confidence,adaptive}``: FCOS + RetinaNet under ``teachers:``) against each
   teacher alone with the same loss (``fcos_pkd``, ``retina_pkd``): PKD on every level, scale-free, fixed before any
@@ -35,8 +38,8 @@ Issue 15's rows (several teachers, teachers that learn):
   ``teacher:`` shorthand, does not: its student is built after the teacher);
 - **online** (``online_pkd``: the teacher architecture trained from scratch with the student; ``mutual_pkd``: the
   same with deep mutual learning) against the frozen teacher with the same loss (``pkd``);
-- **born-again** (``born_again``): a student of the teacher's own architecture (FCOS R34-FPN128) distilled from the
-  frozen teacher over the teacher's whole schedule (8,000 steps), compared with the teacher's AP (target: the
+- **born-again** (``born_again``): a student of the teacher's own architecture (FCOS R18-FPN128) distilled from the
+  frozen teacher over the teacher's whole schedule (5,600 steps), compared with the teacher's AP (target: the
   student passes its teacher); it is not ranked with the bench students (another student);
 - ``ema`` (self-distillation), ``relation`` and ``best_feature_relation`` are rows of the main protocol.
 
@@ -116,7 +119,7 @@ RUNS: list[tuple[str, str, int, int]] = [
     # teachers that learn: against pkd (the frozen teacher, same loss, same student initialisation)
     ("online_pkd", "online_pkd.yaml", 2, 0),
     ("mutual_pkd", "mutual_pkd.yaml", 2, 0),
-    ("born_again", "born_again.yaml", 2, 0),  # FCOS R34-FPN128 student, the teacher's schedule: against the teacher
+    ("born_again", "born_again.yaml", 2, 0),  # FCOS R18-FPN128 student, the teacher's schedule: against the teacher
 ]
 FEATURE_RUNS = (
     "mse",
@@ -275,12 +278,17 @@ def converged(curve: list[list[float]]) -> Optional[bool]:
     return abs(curve[-1][1] - curve[-2][1]) <= CONVERGED_AP
 
 
-def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
-    """Train (once) and cache a teacher; returns its record (AP, curve, wall time, checkpoint path)."""
+def ensure_teacher(recipe: str, tag: str, opts: list[str], publish: bool = True) -> dict[str, Any]:
+    """Train (once) and cache a teacher; returns its record (AP, curve, wall time, checkpoint path). With
+    ``publish`` (the full protocol's teachers) the trained weights are kept in the repository
+    (:func:`publish_teacher`) and the record points at them."""
     record_path = RESULTS / "runs" / f"{tag}.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         ckpt = REPO / record["checkpoint"]
+        if publish and "published_as" not in record and ckpt.is_file() and _sha256(ckpt) == record.get("sha256"):
+            record = publish_teacher(record, record_path, recipe)  # trained before teachers were published
+            ckpt = REPO / record["checkpoint"]
         if not ckpt.is_file() and record.get("sha256"):  # e.g. a new machine: the record says what to rebuild
             rebuild_teacher(record, recipe, opts)
         problem = ("is missing" if not ckpt.is_file() else
@@ -305,6 +313,61 @@ def ensure_teacher(recipe: str, tag: str, opts: list[str]) -> dict[str, Any]:
     _export_last_weights(work)
     record["sha256"] = _sha256(work / "last_weights.pth")
     _write_json(record_path, record)
+    return publish_teacher(record, record_path, recipe) if publish else record
+
+
+PUBLISHED_DIR = REPO / "benchmarks" / "teachers"  # the cached teachers kept in the repository (float16 weights)
+FLOAT16_MAX = 65504.0
+
+
+def float16_state(state: dict[str, Any], source: str) -> dict[str, Any]:
+    """``state`` with every floating tensor rounded to float16 (half the bytes; integer buffers such as
+    ``num_batches_tracked`` are kept). Raises ValueError naming the first tensor that float16 cannot hold."""
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            if not torch.isfinite(value).all() or value.abs().max().item() > FLOAT16_MAX:
+                raise ValueError(f"{source}: {key} holds values float16 cannot represent (|x| > {FLOAT16_MAX:g})")
+            value = value.to(torch.float16)
+        out[key] = value
+    return out
+
+
+def publish_teacher(record: dict[str, Any], record_file: Path, recipe: str) -> dict[str, Any]:
+    """Keep a cached teacher in the repository, so that every later session, on any machine, teaches with the
+    same weights: nothing outside git survives a session here, and training is bit-identical only on the same CPU
+    kind (vector ISA, thread count).
+
+    The teacher's last weights are rounded to float16 (``benchmarks/teachers/<run>.pth``, half the size; a
+    detector loads them into its float32 parameters) and the *published* weights are what the record then
+    describes: they are scored again on val and on the tuning split, and the float32 original's numbers are kept
+    under ``float32``. The students learn from the published file."""
+    from detkd.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    src = REPO / record["checkpoint"]
+    dst = PUBLISHED_DIR / f"{record['run']}.pth"
+    state = load_checkpoint(src)["model"]
+    save_checkpoint({"model": float16_state(state, str(src))}, dst)
+    out = src.parent / "published_eval"
+    metrics = {}
+    for split, split_opts in (("val", []), ("tune", tune_split_opts())):
+        cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--cfg", str(recipe_path(recipe)), "--ckpt",
+               str(dst), "--out", str(out / split), "--no-progress", "--opts", *split_opts]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        subprocess.run(cmd, check=True, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        metrics[split] = json.loads((out / split / "metrics.json").read_text())
+    float32 = {k: record[k] for k in ("checkpoint", "sha256", "tune_AP", *metrics["val"]) if k in record}
+    record.update(metrics["val"])
+    record.update(float32=float32, checkpoint=_repo_relative(dst), sha256=_sha256(dst), tune_AP=metrics["tune"]["AP"],
+                  published_as="float16")  # fmt: skip
+    _write_json(record_file, record)
+    print(
+        f"[bench] {record['run']}: published as {record['checkpoint']} (float16): val AP {record['AP']:.4f} "
+        f"(float32 {float32.get('AP', float('nan')):.4f}), tune AP {record['tune_AP']:.4f}",
+        flush=True,
+    )
     return record
 
 
@@ -1104,7 +1167,9 @@ def main() -> None:
     failures: list[str] = []
     if not args.report_only:  # the teacher alone, with every core
         try:
-            teacher = teachers["teacher"] = ensure_teacher(TEACHER_RECIPE, f"{tag}_teacher", teacher_opts)
+            teacher = teachers["teacher"] = ensure_teacher(
+                TEACHER_RECIPE, f"{tag}_teacher", teacher_opts, publish=not args.quick
+            )
         except RuntimeError as err:
             sys.exit(str(err))
         if not args.quick:
@@ -1118,7 +1183,7 @@ def main() -> None:
         for tid in sorted(needed - {"teacher"}):
             per_run, THREADS["per_run"] = THREADS["per_run"], None
             try:
-                teachers[tid] = ensure_teacher(TEACHERS[tid], f"{tag}_{tid}", teacher_opts)
+                teachers[tid] = ensure_teacher(TEACHERS[tid], f"{tag}_{tid}", teacher_opts, publish=not args.quick)
                 if not args.quick:
                     tune_ap(teachers[tid], RESULTS / "runs" / f"{tag}_{tid}.json", TEACHERS[tid],
                             Path(teachers[tid]["checkpoint"]))  # fmt: skip

@@ -2,7 +2,8 @@
 
     python benchmarks/update_readme.py
 
-Reads ``benchmarks/results/{accuracy,accuracy_quick,speed}.md`` and ``benchmarks/results/runs/v2_teacher.json`` and
+Reads ``benchmarks/results/{accuracy,accuracy_quick,speed}.md`` and the current regime's teacher record
+(``benchmarks/results/runs/<tag>_teacher.json``) and
 rewrites the text between ``<!-- RESULTS:BEGIN -->`` and ``<!-- RESULTS:END -->`` in README.md. Hand-written notes
 on the results live in ``benchmarks/results/notes.md`` and are included after the tables.
 """
@@ -18,29 +19,60 @@ RESULTS = REPO / "benchmarks" / "results"
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
 
 
+def _regime_tag() -> str:
+    """The current regime's record prefix (``benchmarks/accuracy.py``'s ``TAG["full"]``, e.g. ``v3``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_accuracy_tag", REPO / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TAG["full"]
+
+
+def _describe_model(recipe: str) -> str:
+    """E.g. ``FCOS R18-FPN128``, from the recipe's ``model``."""
+    sys.path.insert(0, str(REPO))
+    from detkd.config import load_config
+
+    m = load_config(REPO / "configs" / "bench" / recipe).model
+    backbone = m.backbone.replace("resnet", "R").replace("mobilenet_v3_", "MobileNetV3-")
+    return f"{m.arch.replace('retinanet', 'RetinaNet').replace('fcos', 'FCOS')} {backbone}-FPN{m.fpn_channels}"
+
+
 def teacher_section() -> list[str]:
-    path = RESULTS / "runs" / "v2_teacher.json"
+    tag = _regime_tag()
+    path = RESULTS / "runs" / f"{tag}_teacher.json"
     if not path.is_file():
         steps = _teacher_steps()
         return [
             "### The benchmark teacher",
             "",
-            f"The regime-v2 teacher (`configs/bench/teacher.yaml`, FCOS R34-FPN128 from scratch, {steps:,} steps) has "
-            "not finished training yet: `python benchmarks/accuracy.py --jobs 2` trains it first (resumable).",
+            f"The regime-{tag} teacher (`configs/bench/teacher.yaml`, {_describe_model('teacher.yaml')} from scratch, "
+            f"{steps:,} steps) has not finished training yet: `python benchmarks/accuracy.py --jobs 2` trains it "
+            "first (resumable).",
             "",
         ]
     t = json.loads(path.read_text())
     curve = ", ".join(f"{int(steps):,}: {100 * ap:.1f}" for steps, ap in t.get("curve", []))
+    published = ""
+    if t.get("published_as"):
+        f32 = t.get("float32", {})
+        published = (
+            f" The students learn from the {t['published_as']} copy kept in the repository, `{t['checkpoint']}` "
+            f"(sha256 `{t['sha256'][:12]}…`), which scores val AP {100 * t['AP']:.1f} and tuning-split AP "
+            f"{100 * t['tune_AP']:.1f} (the float32 weights: {100 * f32.get('AP', float('nan')):.1f}), so every "
+            "session and machine uses the same teacher."
+        )
     return [
         "### The benchmark teacher",
         "",
-        f"`python tools/train.py --cfg configs/bench/{t['recipe']}` (FCOS R34-FPN128 from scratch, "
+        f"`python tools/train.py --cfg configs/bench/{t['recipe']}` ({_describe_model(t['recipe'])} from scratch, "
         f"{t['iterations']:,} steps of batch 8 at 128 px, the `bench` preset of the synthetic generator: objects from "
         f"16 px, half the default clutter) reached **val AP {100 * t['AP']:.1f}** (AP50 {100 * t['AP50']:.1f}, APs "
         f"{100 * t['APs']:.1f}, APm {100 * t['APm']:.1f}) after its last epoch, in {t['wall_s'] / 60:.0f} min of wall "
-        f"time on this 2-core CPU machine (no GPU, {t.get('threads', 2)} threads). Val AP along the way (steps: AP): "
-        f"{curve}. `python tools/eval.py --cfg configs/bench/{t['recipe']} --ckpt {t['checkpoint']}` reproduces the "
-        "AP from the saved weights.",
+        f"time on a 2-core CPU machine ({t.get('machine', 'no GPU')}, {t.get('threads', 2)} threads). Val AP along "
+        f"the way (steps: AP, the float32 weights): {curve}.{published} `python tools/eval.py --cfg "
+        f"configs/bench/{t['recipe']} --ckpt {t['checkpoint']}` reproduces the AP from the saved weights.",
         "",
     ]
 
@@ -66,8 +98,9 @@ def build() -> str:
         "Accuracy: how much of the teacher-student gap each method closes",
         "accuracy",
         "From `benchmarks/results/accuracy.json` (`python benchmarks/accuracy.py --jobs 2`; resumable: finished runs "
-        "are kept in `benchmarks/results/runs/v2_*` and skipped). Pair: FCOS R34-FPN128 teacher "
-        f"({_teacher_steps():,} steps) -> FCOS MobileNetV3-small-FPN32 student (2,400 steps of batch 8, AdamW lr "
+        f"are kept in `benchmarks/results/runs/{_regime_tag()}_*` and skipped). Pair: "
+        f"{_describe_model('teacher.yaml')} teacher ({_teacher_steps():,} steps) -> "
+        f"{_describe_model('student.yaml')} student (2,400 steps of batch 8, AdamW lr "
         "3e-3, from scratch) on 1,600 / 400 synthetic images at 128 px (`configs/bench/`). Gap closed = "
         "(AP_distilled - AP_baseline) / (AP_teacher - AP_baseline). `baseline_teacher_schedule` is the regime check "
         "(the student alone on the teacher's whole schedule), `baseline_same_wall_time_as_<best>` the baseline "
@@ -91,6 +124,18 @@ def build() -> str:
     notes = RESULTS / "notes.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
+    if (RESULTS / "v2" / "accuracy.md").is_file():
+        lines += [
+            "### Regime v2 (superseded; its findings above still hold as findings about that teacher)",
+            "",
+            "The v2 benchmark (FCOS R34-FPN128 teacher at val AP 76.2, 8,000 steps in bfloat16 autocast -> the same "
+            "MobileNetV3-small-FPN32 student) is kept in `benchmarks/results/v2/` (its table `accuracy.md`, its "
+            "cost table, `runs/v2_*`). It ended because its teacher could not follow the project across machines: "
+            "its checkpoint lived outside git and was lost with a machine, and on an AVX2-only CPU bfloat16 is "
+            "emulated (18.5 s a step), so it could neither be rebuilt bit for bit nor within the 60-minute budget. "
+            "Regime v3 trains in float32 and keeps its teacher in the repository.",
+            "",
+        ]
     if (RESULTS / "v1" / "accuracy.md").is_file():
         lines += [
             "### The first regime (superseded)",
