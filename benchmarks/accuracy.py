@@ -189,6 +189,14 @@ TEACHER_DIR = {"root": REPO / "work_dirs" / "bench"}
 RUNS_DIR = {"root": REPO / "work_dirs" / "bench"}
 
 
+def student_threads(jobs: int, threads: Optional[int] = None) -> Optional[int]:
+    """Threads per student run: ``threads`` if given, else the cores shared by ``jobs`` runs; None (torch's default,
+    every core) for one job without ``threads``."""
+    if threads:
+        return max(1, threads)
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
 def run_tool(
     script: str, recipe: Path, work_dir: Path, opts: list[str], log: Path, extra: Optional[list[str]] = None
 ) -> float:
@@ -599,12 +607,22 @@ def run_student(
     work = RUNS_DIR["root"] / f"{tag}_{name}_s{seed}"
     script, run_opts = training_command(recipe, seed, checkpoints, opts)
     print(f"[bench] {name} seed {seed}", flush=True)
+    resumed = (work / "last.pth").is_file()  # a run cut off in an earlier session goes on from its last epoch
     wall = run_tool(script, recipe_path(recipe), work, run_opts, work / "stdout.log")
     record = {"run": name, "seed": seed, "recipe": recipe, "recipe_digest": recipe_digest(recipe, tuple(opts)),
               "wall_s": wall, "threads": THREADS["per_run"], "machine": _machine(), "opts": opts,
               "work_dir": _repo_relative(work), **final_metrics(work)}  # fmt: skip
-    _write_json(path_out, record)
+    _write_json(path_out, resumed_wall_time(record) if resumed else record)
     return record
+
+
+def resumed_wall_time(record: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run's record: this invocation's wall clock covers only the steps left (seconds, when the run had
+    already ended and was only scored), so ``wall_s`` becomes the whole run's time from its step rate, and the
+    record says so."""
+    return {**record, "resumed": True, "wall_s": max(record["wall_s"], record.get("train_time_s", 0.0)),
+            "wall_s_note": f"resumed; this invocation took {record['wall_s']:.0f} s, wall_s is the run's median "
+                           "step time x its steps (train_time_s)"}  # fmt: skip
 
 
 def _mean_time(records: list[dict[str, Any]], key: str = "train_time_s") -> float:
@@ -1062,6 +1080,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these run names")
     parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds per run (a partial pass)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each gets cores / jobs threads)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per student run instead of cores / jobs (e.g. --jobs 1 --threads 1 leaves a "
+                             "core free for other work)")  # fmt: skip
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing: tabulate the runs already stored in results/runs"
     )
@@ -1194,7 +1215,7 @@ def main() -> None:
                 THREADS["per_run"] = per_run
 
     # the students share the cores
-    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    THREADS["per_run"] = student_threads(jobs, args.threads)
 
     def run_all(batch: list[tuple[str, str, int, list[str]]]) -> None:
         """Run (name, recipe, seed, opts) jobs ``jobs`` at a time; a failed run is reported, the others go on."""

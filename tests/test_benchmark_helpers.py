@@ -803,3 +803,22 @@ def test_records_name_the_machine_and_reports_count_them(accuracy):
     assert described.endswith(f"CPU cores, {torch.backends.cpu.get_cpu_capability()}")
     rows = [{"machine": "A"}, {"machine": "A"}, {"machine": "B"}, {}]
     assert accuracy.machines_of(rows) == {"A": 2, "B": 1, "not recorded": 1}
+
+
+def test_threads_per_student_run_default_to_cores_over_jobs_unless_given(accuracy, monkeypatch):
+    monkeypatch.setattr(accuracy.os, "cpu_count", lambda: 8)
+    assert accuracy.student_threads(1) is None  # one job: torch's default, every core
+    assert accuracy.student_threads(2) == 4
+    assert accuracy.student_threads(3) == 2
+    assert accuracy.student_threads(16) == 1  # never below one
+    assert accuracy.student_threads(1, threads=1) == 1  # one job on one core leaves the rest free
+    assert accuracy.student_threads(2, threads=3) == 3
+
+
+def test_a_resumed_run_keeps_the_whole_runs_time_not_the_last_invocations(accuracy):
+    record = {"run": "gid", "wall_s": 33.0, "train_time_s": 951.0, "AP": 0.47}
+    out = accuracy.resumed_wall_time(record)
+    assert out["wall_s"] == 951.0 and out["resumed"] is True and "33 s" in out["wall_s_note"]
+    assert out["AP"] == 0.47 and record["wall_s"] == 33.0  # the metrics stay, the input is not changed
+    # a run resumed early in its schedule: this invocation's wall time is the larger, and is kept
+    assert accuracy.resumed_wall_time({"wall_s": 1200.0, "train_time_s": 900.0})["wall_s"] == 1200.0
