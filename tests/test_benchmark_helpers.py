@@ -822,3 +822,21 @@ def test_a_resumed_run_keeps_the_whole_runs_time_not_the_last_invocations(accura
     assert out["AP"] == 0.47 and record["wall_s"] == 33.0  # the metrics stay, the input is not changed
     # a run resumed early in its schedule: this invocation's wall time is the larger, and is kept
     assert accuracy.resumed_wall_time({"wall_s": 1200.0, "train_time_s": 900.0})["wall_s"] == 1200.0
+
+
+def test_defeat_vs_mse_fg_fraction_and_weight_ratios_on_a_hand_made_box(tmp_path):
+    """One 128 px image, one box over its top-left quarter: a quarter of every level's cells are foreground; with
+    w_defeat 1, fg 2, bg 6, w_mse 1 both kinds of cell weigh 4 x MSE's (2 / (2 * 0.25), 6 / (2 * 0.75))."""
+    probe = _load("defeat_vs_mse")
+    ann = {"images": [{"id": 1, "width": 128, "height": 128, "file_name": "a.png"}],
+           "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 64, 64], "category_id": 1}]}  # fmt: skip
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(ann))
+    assert probe.fg_fractions(path, 128, ["p3", "p4", "p5"]) == {"p3": 0.25, "p4": 0.25, "p5": 0.25}
+    # the image is resized to the model's input size: at 64 px the same box still covers a quarter
+    assert probe.fg_fractions(path, 64, ["p3"]) == {"p3": 0.25}
+    r = probe.weight_ratios(0.25, w_defeat=1.0, fg_weight=2.0, bg_weight=6.0, w_mse=1.0)
+    assert r["fg"] == pytest.approx(4.0) and r["bg"] == pytest.approx(4.0)
+    # the bench recipes' weights at a 23.4 % foreground share (P3 of the bench data): 0.96 / 1.18
+    r = probe.weight_ratios(0.234, w_defeat=3e-3, fg_weight=3.0, bg_weight=12.0, w_mse=2e-2)
+    assert r["fg"] == pytest.approx(0.0045 / 0.234 / 0.02) and r["bg"] == pytest.approx(0.018 / 0.766 / 0.02)
