@@ -612,7 +612,9 @@ def run_student(
     record = {"run": name, "seed": seed, "recipe": recipe, "recipe_digest": recipe_digest(recipe, tuple(opts)),
               "wall_s": wall, "threads": THREADS["per_run"], "machine": _machine(), "opts": opts,
               "work_dir": _repo_relative(work), **final_metrics(work)}  # fmt: skip
-    _write_json(path_out, resumed_wall_time(record) if resumed else record)
+    # the caller scores the run on the tuning split and writes this record again: it must get the resumed form
+    record = resumed_wall_time(record) if resumed else record
+    _write_json(path_out, record)
     return record
 
 

@@ -840,3 +840,25 @@ def test_defeat_vs_mse_fg_fraction_and_weight_ratios_on_a_hand_made_box(tmp_path
     # the bench recipes' weights at a 23.4 % foreground share (P3 of the bench data): 0.96 / 1.18
     r = probe.weight_ratios(0.234, w_defeat=3e-3, fg_weight=3.0, bg_weight=12.0, w_mse=2e-2)
     assert r["fg"] == pytest.approx(0.0045 / 0.234 / 0.02) and r["bg"] == pytest.approx(0.018 / 0.766 / 0.02)
+
+
+def test_run_student_returns_the_resumed_record_that_it_writes(accuracy, tmp_path, monkeypatch):
+    """A run cut off earlier (its last.pth exists) is resumed; the record returned, which the caller scores on the
+    tuning split and writes again, must be the resumed one (whole-run wall time), not this invocation's seconds."""
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "results")
+    monkeypatch.setitem(accuracy.RUNS_DIR, "root", tmp_path / "runs")
+    work = tmp_path / "runs" / "v9_mse_s1"
+    work.mkdir(parents=True)
+    (work / "last.pth").write_bytes(b"")
+    monkeypatch.setattr(accuracy, "training_command", lambda *a: ("train_distill.py", []))
+    monkeypatch.setattr(accuracy, "run_tool", lambda *a, **k: 40.0)
+    monkeypatch.setattr(accuracy, "recipe_digest", lambda *a: "d")
+    monkeypatch.setattr(accuracy, "final_metrics", lambda w: {"AP": 0.5, "train_time_s": 900.0})
+    record = accuracy.run_student("mse", "mse.yaml", 1, {}, [], "v9")
+    stored = json.loads((tmp_path / "results" / "runs" / "v9_mse_s1.json").read_text())
+    assert record == stored
+    assert record["resumed"] is True and record["wall_s"] == 900.0
+    # a fresh run (no last.pth) keeps its own wall time and no resume note
+    monkeypatch.setitem(accuracy.RUNS_DIR, "root", tmp_path / "fresh")
+    fresh = accuracy.run_student("mse", "mse.yaml", 2, {}, [], "v9")
+    assert fresh["wall_s"] == 40.0 and "resumed" not in fresh
